@@ -1,0 +1,29 @@
+# `make demo` and `make test` each create .venv from requirements.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
+
+# Everything runs offline: no hub downloads, no analytics, wandb without an account.
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export WANDB_MODE ?= offline
+
+.PHONY: demo test clean-demo
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+clean-demo:
+	rm -rf dataset/demo dataset/eval_images out/demo model/clip_model/random-clip-vit-base-patch32-seed0

@@ -1,0 +1,108 @@
+"""Reading and writing model weights: safe (no unpickling of code), strict (every mismatch is an error that
+lists the keys), atomic (a kill during a save leaves the previous file intact)."""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .LMConfig import LMConfig
+
+
+def read_state_dict(path) -> dict:
+    """Tensors from a .pth (torch.load with weights_only=True) or a .safetensors file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, or a pickle that wants to run code
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # {"model": state_dict, ...} wrappers
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    # torch.compile and DDP wrappers prefix every key; the weights are the same.
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
+
+
+def load_strict(model, state_dict, allow_missing=(), where="checkpoint"):
+    """Load every tensor; anything missing (outside the allow-listed prefixes), unexpected or of the wrong
+    shape is an error naming the keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allow_missing))]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{where} does not match the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
+        if shapes:
+            lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=False)  # strictness checked above, with the allow-list
+
+
+def sidecar_path(ckpt_path) -> Path:
+    return Path(ckpt_path).with_suffix(".json")
+
+
+def save_checkpoint(model, path, config: LMConfig, extra=None):
+    """Plain state dict (upstream names, fp32) + a JSON sidecar with the config; both written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(sd, tmp)
+    os.replace(tmp, path)
+    meta = {"config": config.to_dict(), **(extra or {})}
+    side = sidecar_path(path)
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    os.replace(tmp, side)
+
+
+def infer_config(state_dict, image_ids) -> LMConfig:
+    """Model shape from tensor shapes, for upstream files that have no sidecar. Upstream always uses 16 query
+    heads; the KV heads follow from wk's shape."""
+    dim = state_dict["tok_embeddings.weight"].shape[1] if "tok_embeddings.weight" in state_dict \
+        else state_dict["output.weight"].shape[1]
+    vocab = state_dict["output.weight"].shape[0]
+    n_layers = len({int(m.group(1)) for k in state_dict for m in [re.match(r"layers\.(\d+)\.", k)] if m})
+    n_heads = 16
+    kv_rows = state_dict["layers.0.attention.wk.weight"].shape[0]
+    use_moe = "layers.0.feed_forward.gate.weight" in state_dict
+    ffn = "layers.0.feed_forward.experts.0.w1.weight" if use_moe else "layers.0.feed_forward.w1.weight"
+    kw = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=kv_rows // (dim // n_heads),
+              vocab_size=vocab, hidden_dim=state_dict[ffn].shape[0], use_moe=use_moe, image_ids=list(image_ids))
+    if use_moe:
+        kw["n_routed_experts"] = state_dict["layers.0.feed_forward.gate.weight"].shape[0]
+        kw["n_shared_experts"] = "layers.0.feed_forward.shared_experts.w1.weight" in state_dict
+    return LMConfig(**kw)
+
+
+def load_vlm(ckpt_path, tokenizer, device="cpu"):
+    """A MiniMindVLM from a checkpoint: config from its sidecar JSON, else inferred from tensor shapes."""
+    from .dataset import image_token_ids
+    from .model import MiniMindVLM
+    sd = read_state_dict(ckpt_path)
+    image_ids = image_token_ids(tokenizer)
+    side = sidecar_path(ckpt_path)
+    if side.is_file():
+        cfg = LMConfig.from_dict(json.loads(side.read_text())["config"])
+        if list(cfg.image_ids) != list(image_ids):
+            raise ValueError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
+                             f"tokenizer gives {image_ids[:1]}...: use the tokenizer it was trained with")
+    else:
+        cfg = infer_config(sd, image_ids)
+    model = MiniMindVLM(cfg)
+    load_strict(model, sd, where=str(ckpt_path))
+    return model.eval().to(device), cfg

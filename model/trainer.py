@@ -1,0 +1,288 @@
+"""The one training loop behind 1-pretrain_vlm.py and 2-sft_vlm.py. A stage is a recipe: its data, the
+weights it starts from, the file it writes and its defaults. Everything else is shared.
+
+Runs as one process or under torchrun (DDP: nccl on CUDA, gloo on CPU). The CLIP tower is frozen, so each
+image is encoded once into the feature cache and training reads features, not pixels.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import load_strict, read_state_dict, save_checkpoint
+from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, VLMCollator, VLMDataset, collate_images,
+                      image_cache_key, image_token_ids, load_tokenizer)
+from .feature_cache import FeatureCache
+from .LMConfig import LMConfig
+from .model import MiniMindVLM
+from .vision_utils import (DEFAULT_VISION_MODEL, autocast_dtype, encode_images, load_vision_model,
+                           vision_fingerprint)
+
+
+@dataclass
+class Recipe:
+    stage: str  # "pretrain" | "sft": names the output file
+    description: str
+    data_path: str
+    images_dir: str
+    init_suffix: str  # start from out/{dim}[_moe]{init_suffix}.pth
+    init_help: str  # where to get that file
+    allow_missing: tuple  # parameter prefixes the starting file may lack
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_seq_len: int
+
+
+def build_parser(r: Recipe) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=r.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--out_dir", default="out", help="where checkpoints, sidecar JSON, logs and loss curves go")
+    a("--epochs", type=int, default=r.epochs)
+    a("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: run all epochs); "
+                                                "also the length of the LR schedule")
+    a("--batch_size", type=int, default=r.batch_size, help="samples per step per process")
+    a("--learning_rate", type=float, default=r.learning_rate, help="peak LR (cosine decay to a tenth of it)")
+    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+      help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+    a("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without account)")
+    a("--wandb_project", default=f"MiniMind-V-{r.stage}")
+    a("--num_workers", type=int, default=2, help="DataLoader worker processes (image decoding)")
+    a("--data_path", default=r.data_path, help="LLaVA-format .json list or .jsonl")
+    a("--images_dir", default=r.images_dir, help="directory the records' image paths are relative to")
+    a("--ddp", action="store_true", help="use DDP (implied when started by torchrun)")
+    a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad_clip", type=float, default=1.0)
+    a("--warmup_iters", type=int, default=0, help="linear LR warm-up, in optimizer steps")
+    a("--log_interval", type=int, default=100, help="optimizer steps between loss logs")
+    a("--save_interval", type=int, default=1000, help="optimizer steps between checkpoint saves")
+    a("--dim", type=int, default=512, help="decoder width (512: 27M model, 768: 109M model)")
+    a("--n_layers", type=int, default=8, help="decoder blocks (8 for dim 512, 16 for dim 768)")
+    a("--max_seq_len", type=int, default=r.max_seq_len, help="training sequence length (tokens, 50 per image)")
+    a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers")
+    a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory (Hugging Face layout)")
+    a("--tokenizer", default=DEFAULT_TOKENIZER)
+    a("--init_from", default="auto", help=f"starting weights: auto = {{out_dir}}/{{dim}}[_moe]{r.init_suffix}.pth, "
+                                           "a path, or 'none' for random init")
+    a("--seed", type=int, default=1337)
+    a("--feature_cache", default=None, help="image feature cache directory (None: {out_dir}/feature_cache)")
+    a("--no_feature_cache", action="store_true", help="no on-disk cache: images are encoded as batches need them and kept in RAM "
+                                                       "(up to 4 GB) for later epochs of this run only")
+    return p
+
+
+def init_distributed(args):
+    """(ddp, rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if not ddp:
+        if args.ddp:
+            raise SystemExit("--ddp needs to be launched with torchrun (e.g. torchrun --nproc_per_node 2 ...)")
+        return False, 0, 1, torch.device(args.device)
+    cuda = torch.cuda.is_available() and not args.device.startswith("cpu")
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return True, rank, world, torch.device(f"cuda:{local}")
+    return True, rank, world, torch.device("cpu")
+
+
+def lr_at(step, total, peak, warmup):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak / 10 + 0.5 * (peak - peak / 10) * (1 + math.cos(math.pi * progress))
+
+
+def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world, device):
+    """Encode every not-yet-cached image of the dataset once, split across ranks."""
+    paths = sorted({p for i in range(len(dataset)) for p in dataset.image_paths(i)})
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{args.data_path}: image {p} does not exist (check --images_dir)")
+    todo = [p for p in paths[rank::world] if not cache.on_disk(image_cache_key(p))]
+    if todo:
+        loader = DataLoader(ImageFileDataset(todo), batch_size=64, num_workers=args.num_workers,
+                            collate_fn=collate_images)
+        for keys, pixels in tqdm(loader, desc=f"encoding {len(todo)} images", disable=rank != 0, unit="batch"):
+            for k, f in zip(keys, encode_images(vision_model, pixels, amp_dtype)):
+                cache.put(k, f)
+    if world > 1:
+        dist.barrier()
+    return len(paths), len(todo)
+
+
+def batch_image_features(batch, cache, vision_model, amp_dtype, device):
+    """Per-row image features for the model: cached ones read, the rest encoded now (and cached)."""
+    fresh = {}
+    todo = [i for i, k in enumerate(batch["pixel_keys"]) if k not in cache]  # workers decode; encode only misses
+    if todo:
+        for i, f in zip(todo, encode_images(vision_model, batch["pixel_values"][todo], amp_dtype)):
+            cache.put(batch["pixel_keys"][i], f)
+            fresh[batch["pixel_keys"][i]] = f
+    flat = [fresh[k] if k in fresh else cache.get(k) for k in batch["image_keys"]]
+    rows, i = [], 0
+    for n in batch["image_counts"]:
+        rows.append(torch.stack(flat[i:i + n]).to(device, torch.float32) if n else None)
+        i += n
+    return rows
+
+
+def save_loss_curve(log, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in log], [r["loss"] for r in log])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(recipe: Recipe, argv=None):
+    args = build_parser(recipe).parse_args(argv)
+    ddp, rank, world, device = init_distributed(args)
+    master = rank == 0
+    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+    amp_dtype = autocast_dtype(device.type, args.dtype)
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    cfg = LMConfig(dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe, vocab_size=len(tokenizer),
+                   image_ids=image_token_ids(tokenizer))
+    model = MiniMindVLM(cfg)
+    moe = "_moe" if args.use_moe else ""
+    init = f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}.pth" if args.init_from == "auto" else args.init_from
+    if init != "none":
+        if not os.path.isfile(init):
+            raise SystemExit(f"starting weights {init} not found. {recipe.init_help}\n"
+                             "Or pass --init_from none to start from random weights.")
+        load_strict(model, read_state_dict(init), allow_missing=recipe.allow_missing, where=init)
+    model.to(device)
+    vision_model = load_vision_model(args.vision_model, device)
+
+    cache_dir = None if args.no_feature_cache else (args.feature_cache or f"{args.out_dir}/feature_cache")
+    cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model))
+    dataset = VLMDataset(args.data_path, args.images_dir, tokenizer, args.max_seq_len, cache)
+    if cache_dir is not None:
+        n_images, n_new = fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world, device)
+        if master:
+            print(f"feature cache {cache.dir}: {n_images} images, {n_new} newly encoded by rank 0")
+
+    # One sampler for every case, so a 2-rank run sees exactly the batches of a 1-rank run with twice the batch.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                        collate_fn=VLMCollator(pad_id=tokenizer.pad_token_id or 0),
+                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    steps_per_epoch = max(1, len(loader) // args.accumulation_steps)
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    raw_model = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.use_moe)
+    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=args.learning_rate)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    name = f"{args.dim}{moe}_vlm_{recipe.stage}"
+    out_path = Path(args.out_dir) / f"{name}.pth"
+    wandb = None
+    if args.use_wandb and master:
+        import wandb
+        wandb.init(project=args.wandb_project, name=name, config=vars(args))
+    if master:
+        print(f"{recipe.stage}: {raw_model.num_parameters() / 1e6:.3f}M parameters (dim {cfg.dim}, {cfg.n_layers} "
+              f"layers{', MoE' if cfg.use_moe else ''}), {len(dataset)} samples, {world} process(es) x batch "
+              f"{args.batch_size} x accumulation {args.accumulation_steps}, {total_steps} steps, "
+              f"autocast {amp_dtype or 'off (fp32)'}, start {init}")
+
+    log_path = out_path.with_name(name + "_log.jsonl")
+    if master:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+    log, step, t0, tokens = [], 0, time.time(), 0
+    loss_sum = torch.zeros((), device=device)
+    model.train()
+    progress = tqdm(total=total_steps, desc=recipe.stage, disable=not master, unit="step")
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for micro, batch in enumerate(loader):
+            last_micro = (micro + 1) % args.accumulation_steps == 0
+            lr = lr_at(step, total_steps, args.learning_rate, args.warmup_iters)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            features = batch_image_features(batch, cache, vision_model, amp_dtype, device)
+            input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            sync = model.no_sync() if ddp and not last_micro else nullcontext()
+            with sync, autocast:
+                loss = model(input_ids, features, labels=labels, loss_only=True).loss / args.accumulation_steps
+            with sync:
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            tokens += int(input_ids.numel())
+            if not last_micro:
+                continue
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            if step % args.log_interval == 0 or step == total_steps:
+                if ddp:  # log the mean over ranks, i.e. the loss of the global batch
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                loss_val = loss_sum.item() / (args.log_interval if step % args.log_interval == 0
+                                              else step % args.log_interval)
+                loss_sum.zero_()
+                elapsed = time.time() - t0
+                rec = {"step": step, "epoch": epoch, "loss": loss_val, "lr": lr,
+                       "tokens_per_s": tokens * world / elapsed, "elapsed_s": elapsed}
+                log.append(rec)
+                if master:
+                    with open(log_path, "a") as f:  # written as it goes: a run that dies keeps its curve
+                        f.write(json.dumps(rec) + "\n")
+                    progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+                    if wandb:
+                        wandb.log(rec, step=step)
+            if master and step % args.save_interval == 0:
+                _save(raw_model, out_path, cfg, recipe, args, step, log)
+            if step >= total_steps:
+                break
+        if step >= total_steps:
+            break
+    progress.close()
+    if master:
+        _save(raw_model, out_path, cfg, recipe, args, step, log)
+        print(f"saved {out_path} after {step} steps in {time.time() - t0:.0f}s; final loss "
+              f"{log[-1]['loss']:.4f}; loss curve {out_path.with_name(name + '_loss.png')}")
+        if wandb:
+            wandb.finish()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_path
+
+
+def _save(model, path, cfg, recipe, args, step, log):
+    save_checkpoint(model, path, cfg, extra={"stage": recipe.stage, "step": step, "args": vars(args)})
+    name = path.stem
+    if log:
+        save_loss_curve(log, path.with_name(name + "_loss.png"), f"{name}: training loss")

@@ -1,0 +1,105 @@
+"""LLaVA records -> ids, labels, images; the collator."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from model.chat import build_prompt
+from model.dataset import (IGNORE_INDEX, VLMCollator, VLMDataset, conversation_to_messages, load_records,
+                           tokenize_conversation)
+from model.LMConfig import IMAGE_PLACEHOLDER
+
+
+def rec(*turns, image="a.png", id_="r0"):
+    conv = [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(turns)]
+    return {"id": id_, "image": image, "conversations": conv}
+
+
+def decode_labelled(tokenizer, ids, labels):
+    """The text of each maximal run of supervised tokens."""
+    runs, cur = [], []
+    for t, l in zip(ids, labels):
+        if l != IGNORE_INDEX:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            runs.append(tokenizer.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tokenizer.decode(cur))
+    return runs
+
+
+def test_multi_turn_loss_on_every_answer(tokenizer):
+    r = rec("<image>\nWhat colour?", "red", "And the shape?", "a big circle")
+    ids, labels = tokenize_conversation(tokenizer, conversation_to_messages(r), 640)
+    assert decode_labelled(tokenizer, ids, labels) == ["red</s>", "a big circle</s>"]
+    # the ids are exactly the chat template's rendering of the whole conversation
+    msgs = conversation_to_messages(r)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert ids == tokenizer(full, add_special_tokens=False).input_ids
+    assert full.count(IMAGE_PLACEHOLDER) == 1
+    # and inference builds the same prompt prefix
+    prompt = build_prompt(tokenizer, [{"role": "user", "content": "<image>\nWhat colour?"}])
+    assert full.startswith(prompt)
+
+
+def test_truncation_drops_whole_turns_and_keeps_placeholder(tokenizer, image_ids):
+    r = rec("<image>\nWhat colour?", "red", "And the shape? " * 10, "circle " * 20)
+    msgs = conversation_to_messages(r)
+    full, _ = tokenize_conversation(tokenizer, msgs, 640)
+    first_turn, _ = tokenize_conversation(tokenizer, msgs[:2], 640)
+    ids, labels = tokenize_conversation(tokenizer, msgs, len(full) - 1)
+    assert ids == first_turn  # the second turn did not fit: it is dropped whole
+    assert decode_labelled(tokenizer, ids, labels) == ["red</s>"]
+    s = ",".join(map(str, ids))
+    assert ",".join(map(str, image_ids)) in s
+    # a first answer that does not fit is cut, the placeholder never
+    long = rec("<image>\nDescribe.", "word " * 200)
+    ids, labels = tokenize_conversation(tokenizer, conversation_to_messages(long), 100)
+    assert len(ids) == 100 and ",".join(map(str, image_ids)) in ",".join(map(str, ids))
+    with pytest.raises(ValueError, match=r"r0.*first prompt is \d+ tokens .*max_seq_len is 40"):
+        tokenize_conversation(tokenizer, conversation_to_messages(long), 40, where="r0")
+
+
+def test_bad_role_order(tokenizer):
+    bad = {"conversations": [{"from": "gpt", "value": "hi"}]}
+    with pytest.raises(ValueError, match="assistant turn without a user turn"):
+        tokenize_conversation(tokenizer, conversation_to_messages(bad), 64)
+
+
+def test_load_records_json_and_jsonl(tmp_path):
+    r = rec("<image>\nq", "a")
+    (tmp_path / "a.json").write_text(json.dumps([r, r]))
+    (tmp_path / "b.jsonl").write_text(json.dumps(r) + "\n\n" + json.dumps(r) + "\n")
+    assert len(load_records(tmp_path / "a.json")) == 2
+    assert len(load_records(tmp_path / "b.jsonl")) == 2
+    (tmp_path / "c.jsonl").write_text(json.dumps(r) + "\n{broken\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:2: invalid JSON"):
+        load_records(tmp_path / "c.jsonl")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "x9", "image": "a.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"record 0 \(id x9\).*conversations"):
+        load_records(tmp_path / "d.jsonl")
+
+
+def test_dataset_and_collator(tmp_path, tokenizer, image_ids):
+    Image.new("RGB", (300, 200), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("L", (64, 64), 90).save(tmp_path / "b.png")
+    rows = [rec("<image>\nWhat colour?", "red", id_="r0"),
+            rec("<image>\nWhat colour is this shape, please tell me?", "grey", "Sure?", "yes", image="b.png", id_="r1"),
+            rec("<image>\nq", "a", image="missing.png", id_="r2"),
+            rec("no marker", "a", id_="r3")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = VLMDataset(str(tmp_path / "d.jsonl"), str(tmp_path), tokenizer, 640)
+    s0, s1 = ds[0], ds[1]
+    assert s0["pixel_values"][0].shape == (3, 224, 224) and s1["pixel_values"][0].shape == (3, 224, 224)
+    batch = VLMCollator(pad_id=0)([s0, s1])
+    T = max(len(s0["input_ids"]), len(s1["input_ids"]))
+    assert batch["input_ids"].shape == (2, T)  # padded to the longest in the batch, not max_seq_len
+    assert batch["labels"][0, len(s0["input_ids"]):].eq(IGNORE_INDEX).all()
+    assert batch["image_counts"] == [1, 1] and batch["pixel_values"].shape == (2, 3, 224, 224)
+    with pytest.raises(FileNotFoundError, match=r"record 2 \(id r2\).*missing.png"):
+        ds[2]
+    with pytest.raises(ValueError, match=r"record 3 \(id r3\): 0 '<image>' marker\(s\) but 1 image"):
+        ds[3]

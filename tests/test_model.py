@@ -1,0 +1,226 @@
+"""The decoder, the splice and generation."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import infer_config, load_strict
+from model.LMConfig import IMAGE_PLACEHOLDER, LMConfig
+from model.model import MiniMindVLM, sample_next_token
+
+
+def upstream_v1_keys(n_layers, use_moe=False, n_experts=4):
+    """The parameter names of upstream MiniMind-V v1's state dicts, written out independently of our model."""
+    keys = ["tok_embeddings.weight"]
+    for i in range(n_layers):
+        keys += [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
+        keys += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
+        if use_moe:
+            keys += [f"layers.{i}.feed_forward.experts.{e}.{w}.weight" for e in range(n_experts) for w in ("w1", "w2", "w3")]
+            keys += [f"layers.{i}.feed_forward.gate.weight"]
+            keys += [f"layers.{i}.feed_forward.shared_experts.{w}.weight" for w in ("w1", "w2", "w3")]
+        else:
+            keys += [f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
+    return set(keys + ["norm.weight", "output.weight", "vision_proj.vision_proj.0.weight",
+                       "vision_proj.vision_proj.0.bias"])
+
+
+@pytest.mark.parametrize("dim,n_layers,expected", [(512, 8, 27_272_192), (768, 16, 109_340_160)])
+def test_released_sizes_names_shapes_counts(image_ids, dim, n_layers, expected):
+    model = MiniMindVLM(LMConfig(dim=dim, n_layers=n_layers, image_ids=image_ids))
+    sd = model.state_dict()
+    assert set(sd) == upstream_v1_keys(n_layers)
+    assert model.num_parameters() == expected
+    hidden = {512: 1408, 768: 2048}[dim]
+    assert sd["layers.0.attention.wq.weight"].shape == (dim, dim)
+    assert sd["layers.0.attention.wk.weight"].shape == (dim // 2, dim)  # 8 of 16 heads are KV heads
+    assert sd["layers.0.feed_forward.w1.weight"].shape == (hidden, dim)
+    assert sd["layers.0.feed_forward.w2.weight"].shape == (dim, hidden)
+    assert sd["vision_proj.vision_proj.0.weight"].shape == (dim, 768)
+    assert sd["vision_proj.vision_proj.0.bias"].shape == (dim,)
+    assert sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr()  # tied
+    buffers = {n for n, _ in model.named_buffers()}
+    assert buffers and not buffers & set(sd)  # RoPE tables and image ids are not saved
+
+
+def test_moe_names_and_training_step(image_ids):
+    cfg = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, use_moe=True, image_ids=image_ids)
+    model = MiniMindVLM(cfg)
+    assert set(model.state_dict()) == upstream_v1_keys(2, use_moe=True)
+    assert model.state_dict()["layers.1.feed_forward.gate.weight"].shape == (4, 64)
+    ids = torch.randint(3, 6400, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.aux_loss > 0 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.layers[0].feed_forward.gate.weight.grad.abs().sum() > 0
+    model.eval()
+    assert model(ids).aux_loss == 0  # the balancing loss is a training-time term
+
+
+def test_infer_config_from_shapes(image_ids):
+    for kw in (dict(dim=512, n_layers=8), dict(dim=64, n_layers=3, use_moe=True, n_routed_experts=3)):
+        cfg = LMConfig(**kw, image_ids=image_ids)
+        got = infer_config(MiniMindVLM(cfg).state_dict(), image_ids)
+        for f in ("dim", "n_layers", "n_kv_heads", "hidden_dim", "use_moe", "n_routed_experts", "vocab_size"):
+            assert getattr(got, f) == getattr(cfg, f), f
+
+
+def _prompt(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_splice_replaces_exactly_the_placeholder(tokenizer, tiny_cfg):
+    model = MiniMindVLM(tiny_cfg()).eval()
+    ids = torch.tensor([_prompt(tokenizer, f"<s>user\nlook {IMAGE_PLACEHOLDER} and {IMAGE_PLACEHOLDER}x</s>")])
+    feats = torch.randn(1, 2, 50, 768)
+    emb = model.tok_embeddings(ids)
+    spliced = model.splice_images(ids, emb, feats)
+    mask, counts = model.placeholder_mask(ids)
+    assert counts.tolist() == [2] and mask.sum() == 100
+    proj = model.vision_proj(feats[0].reshape(100, 768))
+    assert torch.allclose(spliced[0][mask[0]], proj, atol=1e-6)  # images in order, one token each
+    assert torch.equal(spliced[0][~mask[0]], emb[0][~mask[0]])  # text untouched
+    # the first placeholder holds image 0, the second image 1
+    first = mask[0].nonzero().squeeze(1)[:50]
+    assert torch.allclose(spliced[0, first], model.vision_proj(feats[0, 0]), atol=1e-6)
+
+
+def test_splice_mixed_batch_and_errors(tokenizer, tiny_cfg):
+    model = MiniMindVLM(tiny_cfg()).eval()
+    with_img = _prompt(tokenizer, f"<s>user\n{IMAGE_PLACEHOLDER}\nwhat?</s>")
+    text_only = _prompt(tokenizer, "<s>user\nhello there, how are you?</s>")
+    T = max(len(with_img), len(text_only))
+    ids = torch.zeros(2, T, dtype=torch.long)
+    ids[0, :len(with_img)] = torch.tensor(with_img)
+    ids[1, :len(text_only)] = torch.tensor(text_only)
+    f = torch.randn(50, 768)
+    out = model(ids, [f, None]).logits
+    # row 1 is text-only: same logits as running it alone without images
+    alone = model(ids[1:2]).logits
+    assert torch.allclose(out[1], alone[0], atol=1e-5)
+    # and row 0 really depends on its image
+    assert not torch.allclose(out[0], model(ids, [torch.randn(50, 768), None]).logits[0], atol=1e-3)
+    # batch of one, tensor layout (B, 50, 768)
+    assert model(ids[:1], f[None]).logits.shape == (1, T, 6400)
+    with pytest.raises(ValueError, match=r"row 0 has 1 placeholder\(s\) but 0 image"):
+        model(ids, None)
+    with pytest.raises(ValueError, match=r"row 1 has 0 placeholder\(s\) but 1 image"):
+        model(ids, [f, f])
+    with pytest.raises(ValueError, match="2 entries for a batch of 1"):
+        model(ids[:1], [f, None])
+
+
+def test_partial_placeholder_is_text(tokenizer, tiny_cfg):
+    model = MiniMindVLM(tiny_cfg()).eval()
+    ids = torch.tensor([_prompt(tokenizer, "<" * 25 + ">" * 24 + " and <<<>>>")])
+    mask, counts = model.placeholder_mask(ids)
+    assert counts.tolist() == [0] and not mask.any()
+
+
+def test_loss_ignores_masked_labels(tiny_cfg):
+    model = MiniMindVLM(tiny_cfg()).eval()
+    ids = torch.randint(3, 6400, (2, 10))
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:] = ids[:, 6:]
+    logits = model(ids).logits
+    expected = F.cross_entropy(logits[:, 5:-1].reshape(-1, 6400), ids[:, 6:].reshape(-1))
+    assert torch.allclose(model(ids, labels=labels).loss, expected, atol=1e-5)
+    # changing a target that is masked out changes nothing
+    labels2 = labels.clone()
+    labels2[:, :6] = -100
+    assert torch.allclose(model(ids, labels=labels2).loss, expected, atol=1e-5)
+    # the training path that runs the output head only on labelled positions gives the same loss and grads
+    fast = model(ids, labels=labels, loss_only=True)
+    assert fast.logits is None and torch.allclose(fast.loss, expected, atol=1e-5)
+    g_full = torch.autograd.grad(model(ids, labels=labels).loss, model.output.weight)[0]
+    g_fast = torch.autograd.grad(model(ids, labels=labels, loss_only=True).loss, model.output.weight)[0]
+    assert torch.allclose(g_full, g_fast, atol=1e-6)
+
+
+def _image_prompts(tokenizer):
+    a = _prompt(tokenizer, f"<s>user\n{IMAGE_PLACEHOLDER}\nWhat colour is it?</s>\n<s>assistant\n")
+    b = _prompt(tokenizer, f"<s>user\n{IMAGE_PLACEHOLDER}\nShape?</s>\n<s>assistant\n")
+    return a, b
+
+
+def test_kv_cache_generation_equals_recompute(tokenizer, tiny_cfg):
+    from model.chat import left_pad
+    model = MiniMindVLM(tiny_cfg()).eval()
+    a, b = _image_prompts(tokenizer)
+    ids, mask = left_pad([a, b])
+    feats = [torch.randn(50, 768), torch.randn(50, 768)]
+    kw = dict(max_new_tokens=12, eos_token_id=-1, attention_mask=mask)
+    cached = model.generate(ids, feats, use_cache=True, **kw)
+    recomputed = model.generate(ids, feats, use_cache=False, **kw)
+    assert cached.shape == (2, 12)
+    assert torch.equal(cached, recomputed)
+    # left padding does not change a row's answer: row 1 alone gives the same tokens
+    alone = model.generate(torch.tensor([b]), [feats[1]], max_new_tokens=12, eos_token_id=-1)
+    assert torch.equal(alone[0], cached[1])
+
+
+def test_streaming_stops_at_eos_per_row(tiny_cfg):
+    model = MiniMindVLM(tiny_cfg()).eval()
+    ids = torch.randint(3, 6400, (2, 5))
+    first = model.generate(ids, max_new_tokens=1)[:, 0]
+    # make row 0's first greedy token the EOS: that row finishes at once, the other continues
+    out = model.generate(ids, max_new_tokens=4, eos_token_id=int(first[0]))
+    assert out[0].tolist() == [int(first[0])] * out.shape[1]
+    steps = list(model.stream_generate(ids, max_new_tokens=4, eos_token_id=-1))
+    assert len(steps) == 4 and all(s.shape == (2,) for s in steps)
+
+
+def test_repetition_penalty_handles_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.5, -3.0]])
+    seen = torch.tensor([[0, 1]])
+    # token 0 (positive, seen) drops below token 2; token 1 (negative, seen) must become *less* likely
+    out = logits.clone()
+    pen = 2.0
+    got = sample_next_token(out, seen, temperature=0, repetition_penalty=pen)
+    assert got.item() == 2
+    probs_before = logits.softmax(-1)[0, 1]
+    adjusted = torch.tensor([[1.0, -4.0, 1.5, -3.0]]).softmax(-1)[0, 1]
+    assert adjusted < probs_before
+    # sampling with top_k=1 is greedy; top_p tiny keeps only the best token
+    for _ in range(5):
+        assert sample_next_token(logits, seen[:, :0], temperature=1.0, top_k=1).item() == 0
+        assert sample_next_token(logits, seen[:, :0], temperature=1.0, top_p=0.01).item() == 0
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, logits.new_zeros(1, 0, dtype=torch.long), 1.0, top_p=0.7,
+                               generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
+
+
+def test_strict_load_lists_keys(tiny_cfg):
+    model = MiniMindVLM(tiny_cfg())
+    sd = dict(model.state_dict())
+    ok = {k: v for k, v in sd.items() if not k.startswith("vision_proj.")}
+    load_strict(model, ok, allow_missing=("vision_proj.",))  # an LLM file has no projector: fine
+    with pytest.raises(ValueError, match=r"missing keys \(2\).*vision_proj\.vision_proj\.0\.weight"):
+        load_strict(model, ok)
+    bad = dict(sd, **{"layers.9.attention.wq.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\).*layers\.9\.attention\.wq\.weight"):
+        load_strict(model, bad)
+    wrong = dict(sd, **{"norm.weight": torch.zeros(65)})
+    with pytest.raises(ValueError, match=r"norm\.weight: checkpoint \(65,\) vs model \(64,\)"):
+        load_strict(model, wrong)
+
+
+def test_checkpoint_prefixes_and_unsafe_pickle(tmp_path, tiny_cfg):
+    from model.checkpoint import read_state_dict
+    model = MiniMindVLM(tiny_cfg())
+    p = tmp_path / "c.pth"
+    torch.save({"_orig_mod." + k: v for k, v in model.state_dict().items()}, p)
+    load_strict(MiniMindVLM(tiny_cfg()), read_state_dict(p))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="cannot read checkpoint .*evil.pth"):
+        read_state_dict(tmp_path / "evil.pth")
