@@ -68,6 +68,8 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--save_interval", type=int, default=1000, help="optimizer steps between checkpoint saves")
     a("--dim", type=int, default=512, help="decoder width (512: 27M model, 768: 109M model)")
     a("--n_layers", type=int, default=8, help="decoder blocks (8 for dim 512, 16 for dim 768)")
+    a("--n_heads", type=int, default=16, help="query heads (upstream: 16)")
+    a("--n_kv_heads", type=int, default=8, help="key/value heads shared by the query heads (upstream: 8)")
     a("--max_seq_len", type=int, default=r.max_seq_len, help="training sequence length (tokens, 50 per image)")
     a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers")
     a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory (Hugging Face layout)")
@@ -162,7 +164,8 @@ def train(recipe: Recipe, argv=None):
     amp_dtype = autocast_dtype(device.type, args.dtype)
 
     tokenizer = load_tokenizer(args.tokenizer)
-    cfg = LMConfig(dim=args.dim, n_layers=args.n_layers, use_moe=args.use_moe, vocab_size=len(tokenizer),
+    cfg = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                   use_moe=args.use_moe, vocab_size=len(tokenizer),
                    image_ids=image_token_ids(tokenizer))
     model = MiniMindVLM(cfg)
     moe = "_moe" if args.use_moe else ""

@@ -33,16 +33,16 @@ def main():
     a = ap.add_argument
     a("--data_dir", default="dataset/demo")
     a("--out_dir", default="out/demo")
-    a("--n_train", type=int, default=4000, help="training images (each encoded once by the frozen tower)")
+    a("--n_train", type=int, default=3000, help="training images (each encoded once by the frozen tower)")
     a("--n_eval", type=int, default=300, help="held-out images")
     a("--seed", type=int, default=0, help="data and random-tower seed")
-    a("--dim", type=int, default=256)
+    a("--dim", type=int, default=128)
     a("--n_layers", type=int, default=4)
     a("--batch_size", type=int, default=32)
     a("--learning_rate", type=float, default=2e-3)
-    a("--pretrain_steps", type=int, default=600)
-    a("--sft_steps", type=int, default=900)
-    a("--num_workers", type=int, default=1)
+    a("--pretrain_steps", type=int, default=400)
+    a("--sft_steps", type=int, default=800)
+    a("--num_workers", type=int, default=0, help="0: load batches in the training process; on 2 cores a worker only competes with it")
     args = ap.parse_args()
     t_start = time.time()
     py = sys.executable
@@ -52,7 +52,11 @@ def main():
 
     t = time.time()
     meta_file = os.path.join(ROOT, data, "meta.json")
-    want = {"n_train": args.n_train, "n_eval": args.n_eval, "seed": args.seed}
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_demo_data as gen
+    want = {"n_train": args.n_train, "n_eval": args.n_eval, "seed": args.seed,
+            "size_range_px_at_224": list(gen.SIZE_RANGE), "max_rotation_deg": gen.MAX_ROTATION_DEG,
+            "max_offset_px_at_224": gen.MAX_OFFSET}
     meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {}
     if all(meta.get(k) == v for k, v in want.items()):
         print(f"\n{data} already holds this dataset ({args.n_train} train / {args.n_eval} eval images, seed {args.seed})")
@@ -88,8 +92,7 @@ def main():
     times["evaluation"] = time.time() - t
     total = time.time() - t_start
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from make_demo_data import COLOR_NAMES, SHAPES
+    COLOR_NAMES, SHAPES = gen.COLOR_NAMES, gen.SHAPES
     chance = {"color": 1 / len(COLOR_NAMES), "shape": 1 / len(SHAPES)}
     lines = [
         f"MiniMind-V demo: {args.dim}x{args.n_layers} decoder from random init, frozen random CLIP ViT-B/32, "

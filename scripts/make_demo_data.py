@@ -98,8 +98,12 @@ CANONICAL_ANSWERS = frozenset(
 
 # Shape size (in px at 224 px image size): circle radius, square / triangle
 # circumradius, cross half-size (centre to arm tip).  Scaled with image_size.
-SIZE_RANGE = (40.0, 90.0)
-MAX_ROTATION_DEG = 180.0      # non-circles are rotated uniformly in [-max, +max] degrees
+# The defaults keep shapes large, near the centre and near upright. Measured through the frozen *random*
+# CLIP tower (a shape probe on 2000 images, and the full demo): with shapes anywhere, at any rotation and
+# 40-90 px, shape accuracy stayed near 38-60%; with these settings it reaches 84-94%. Colour is easy either way.
+SIZE_RANGE = (55.0, 95.0)
+MAX_ROTATION_DEG = 15.0       # non-circles are rotated uniformly in [-max, +max] degrees
+MAX_OFFSET = 40.0             # shape centre at most this far (px at 224) from the image centre
 CROSS_ARM_WIDTH = 1.0 / 3.0   # arm width as a fraction of the full cross size (2 * half-size)
 NOISE_STD = 4.0               # mild Gaussian pixel noise (0..255 scale)
 JPEG_QUALITY = 90
@@ -271,7 +275,7 @@ def _shape_extent(shape: str, size: float, angle: float):
 def render_image(rng: np.random.Generator, color: str, shape: str, image_size: int = 224,
                  size_range: Tuple[float, float] = SIZE_RANGE,
                  max_rotation: float = MAX_ROTATION_DEG,
-                 max_offset: Optional[float] = None) -> Tuple[Image.Image, dict]:
+                 max_offset: Optional[float] = MAX_OFFSET) -> Tuple[Image.Image, dict]:
     """Render one image with a single shape.  Returns (PIL image, geometry info)."""
     n = int(image_size)
     scale = n / 224.0
@@ -429,7 +433,7 @@ def make_demo_data(out_dir: str = "dataset/demo", n_train: int = 10000, n_eval: 
                    eval_images_dir: Optional[str] = "dataset/eval_images", seed: int = 0,
                    image_size: int = 224, progress: bool = True,
                    size_range: Tuple[float, float] = SIZE_RANGE,
-                   max_rotation: float = MAX_ROTATION_DEG, max_offset: Optional[float] = None) -> dict:
+                   max_rotation: float = MAX_ROTATION_DEG, max_offset: Optional[float] = MAX_OFFSET) -> dict:
     """Generate the whole demo dataset.  Returns a summary dict.
 
     The summary includes ``train_labels`` / ``eval_labels``: lists of
@@ -502,7 +506,9 @@ def make_demo_data(out_dir: str = "dataset/demo", n_train: int = 10000, n_eval: 
         "shapes": SHAPES,
         "shapes_zh": SHAPE_ZH,
         "languages": LANGS,
-        "size_range_px_at_224": list(SIZE_RANGE),
+        "size_range_px_at_224": list(size_range),
+        "max_rotation_deg": max_rotation,
+        "max_offset_px_at_224": max_offset,
         "image_dir": "images",
         "eval_image_samples": [os.path.basename(p) for p in samples],
     }
@@ -549,9 +555,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_rotation", type=float, default=MAX_ROTATION_DEG,
                    help="non-circles are rotated by a uniform angle in [-max, +max] degrees "
                         "(default: %(default)s)")
-    p.add_argument("--max_offset", type=float, default=None,
-                   help="shape centre at most this many px (at 224) from the image centre; "
-                        "default: anywhere the shape fits")
+    p.add_argument("--max_offset", type=float, default=MAX_OFFSET,
+                   help="shape centre at most this many px (at 224) from the image centre; a negative "
+                        "value: anywhere the shape fits (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -560,7 +566,8 @@ def main(argv=None) -> dict:
     summary = make_demo_data(out_dir=args.out_dir, n_train=args.n_train, n_eval=args.n_eval,
                              eval_images_dir=args.eval_images_dir or None, seed=args.seed,
                              image_size=args.image_size, size_range=(args.min_size, args.max_size),
-                             max_rotation=args.max_rotation, max_offset=args.max_offset)
+                             max_rotation=args.max_rotation,
+                             max_offset=args.max_offset if args.max_offset >= 0 else None)
     m = summary["meta"]
     print(f"Wrote demo dataset to {args.out_dir} in {summary['seconds']:.1f}s")
     print(f"  images:     {m['n_train']} train + {m['n_eval']} eval "

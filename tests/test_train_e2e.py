@@ -66,6 +66,16 @@ def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
         preds = [json.loads(l) for l in open(tmp_path / f"preds_{control}.jsonl")]
         assert len(preds) == 8 and all("prediction" in r for r in preds)
 
+    # gallery mode streams one answer per image; interactive mode reads questions from stdin
+    chat = [sys.executable, "3-eval_chat.py", "--ckpt", out / "64_vlm_sft.pth", "--vision_model", random_tower,
+            "--image_dir", demo_data / "eval_images", "--max_new_tokens", 3, "--device", "cpu"]
+    p = run(*chat)
+    assert p.stdout.count("[0") == 8 and p.stdout.count("🤖") == 8
+    p = subprocess.run([str(c) for c in chat + ["--interactive"]], input="What colour?\nAnd now?\n/exit\n",
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("🤖") == 2 and "[image: " in p.stdout
+
 
 def test_missing_start_weights_is_explained(demo_data, random_tower, tmp_path):
     p = subprocess.run([sys.executable, "2-sft_vlm.py", "--data_path", str(demo_data / "sft.jsonl"),
