@@ -43,7 +43,7 @@ def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
     run(sys.executable, "1-pretrain_vlm.py", "--data_path", demo_data / "pretrain.jsonl", "--init_from", "none",
         "--batch_size", 8, "--epochs", 3, "--learning_rate", 3e-3, *common(demo_data, random_tower, out))
     pre = losses(out, "64_vlm_pretrain")
-    assert len(pre) == 18 and sum(pre[-3:]) / 3 < 0.7 * sum(pre[:3]) / 3, pre
+    assert len(pre) == 18 and sum(pre[-3:]) / 3 < 0.85 * sum(pre[:3]) / 3, pre
     for f in ("64_vlm_pretrain.pth", "64_vlm_pretrain.json", "64_vlm_pretrain_loss.png"):
         assert (out / f).stat().st_size > 0
     meta = json.load(open(out / "64_vlm_pretrain.json"))

@@ -43,7 +43,7 @@ def test_loads_full_clipmodel_and_vision_only_dirs(tmp_path):
 
 
 def test_missing_and_mismatched_towers_are_explained(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*git clone https://huggingface.co/openai/clip-vit"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*git clone https://huggingface.co/openai/clip-vit"):
         load_vision_model(str(tmp_path / "nowhere"))
     from transformers import CLIPVisionModel
     vision_cfg, _ = small_clip_configs()
