@@ -33,7 +33,7 @@ def main():
     a = ap.add_argument
     a("--data_dir", default="dataset/demo")
     a("--out_dir", default="out/demo")
-    a("--n_train", type=int, default=3000, help="training images (each encoded once by the frozen tower)")
+    a("--n_train", type=int, default=2500, help="training images (each encoded once by the frozen tower)")
     a("--n_eval", type=int, default=300, help="held-out images")
     a("--seed", type=int, default=0, help="data and random-tower seed")
     a("--dim", type=int, default=128)
@@ -41,7 +41,7 @@ def main():
     a("--batch_size", type=int, default=32)
     a("--learning_rate", type=float, default=2e-3)
     a("--pretrain_steps", type=int, default=400)
-    a("--sft_steps", type=int, default=800)
+    a("--sft_steps", type=int, default=900)
     a("--num_workers", type=int, default=0, help="0: load batches in the training process; on 2 cores a worker only competes with it")
     args = ap.parse_args()
     t_start = time.time()
