@@ -226,6 +226,8 @@ def train(recipe: Recipe, argv=None):
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         for micro, batch in enumerate(loader):
+            if micro >= steps_per_epoch * args.accumulation_steps:
+                break  # a last, incomplete accumulation group would leak its gradients into the next epoch
             last_micro = (micro + 1) % args.accumulation_steps == 0
             lr = lr_at(step, total_steps, args.learning_rate, args.warmup_iters)
             for g in optimizer.param_groups:
