@@ -94,60 +94,59 @@ def test_missing_vision_model_is_explained(demo_data, tmp_path):
     assert "does not exist" in p.stderr and "clip-vit-base-patch32" in p.stderr
 
 
-def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, random_tower):
-    """2 gloo ranks x batch 4 must train the same weights as 1 process x batch 8."""
+
+def uniform_data(tmp_path, n):
+    """n records with identical text and different images, so every batch has the same number of loss
+    tokens (token-mean losses then average exactly across ranks and micro-batches)."""
     from PIL import Image
     imgs = tmp_path / "img"
-    imgs.mkdir()
+    imgs.mkdir(exist_ok=True)
     recs = []
-    for i in range(32):  # identical text, different images: every rank has the same number of loss tokens
+    for i in range(n):
         Image.new("RGB", (224, 224), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(imgs / f"{i}.png")
         recs.append({"id": i, "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "a colour"}]})
-    data = tmp_path / "d.jsonl"
+    data = tmp_path / f"d{n}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    args = ["--data_path", data, "--images_dir", imgs, "--vision_model", random_tower, "--init_from", "none",
-            "--dim", 64, "--n_layers", 2, "--num_workers", 0, "--dtype", "float32", "--epochs", 2,
-            "--learning_rate", 1e-3, "--log_interval", 1, "--feature_cache", tmp_path / "cache", "--device", "cpu"]
+    return ["--data_path", data, "--images_dir", imgs]
+
+
+def tiny_run_args(tmp_path, tower):
+    return ["--vision_model", tower, "--init_from", "none", "--dim", 64, "--n_layers", 2, "--num_workers", 0,
+            "--dtype", "float32", "--epochs", 2, "--learning_rate", 1e-3, "--log_interval", 1,
+            "--feature_cache", tmp_path / "cache", "--device", "cpu"]
+
+
+def assert_same_weights(dir_a, dir_b):
+    a = torch.load(dir_a / "64_vlm_pretrain.pth", weights_only=True)
+    b = torch.load(dir_b / "64_vlm_pretrain.pth", weights_only=True)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), k
+
+
+def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, random_tower):
+    """2 gloo ranks x batch 4 must train the same weights as 1 process x batch 8."""
+    args = uniform_data(tmp_path, 32) + tiny_run_args(tmp_path, random_tower)
     run(sys.executable, "1-pretrain_vlm.py", *args, "--batch_size", 8, "--out_dir", tmp_path / "one")
     run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, "1-pretrain_vlm.py",
         *args, "--batch_size", 4, "--out_dir", tmp_path / "two")
-    a = torch.load(tmp_path / "one" / "64_vlm_pretrain.pth", weights_only=True)
-    b = torch.load(tmp_path / "two" / "64_vlm_pretrain.pth", weights_only=True)
     assert json.load(open(tmp_path / "two" / "64_vlm_pretrain.json"))["step"] == 8
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5), k
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
     la, lb = losses(tmp_path / "one", "64_vlm_pretrain"), losses(tmp_path / "two", "64_vlm_pretrain")
     assert la == pytest.approx(lb, abs=1e-5)  # the logged loss is the global batch's under DDP too
-
 
 
 def test_accumulation_equals_bigger_batch(tmp_path, random_tower):
     """batch 4 x accumulation 2 trains the same weights as batch 8 (the loss is divided by the accumulation
     steps); a dataset that leaves an incomplete group still gives whole steps, epoch by epoch."""
-    from PIL import Image
-    imgs = tmp_path / "img"
-    imgs.mkdir()
-    recs = []
-    for i in range(36):
-        Image.new("RGB", (224, 224), ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)).save(imgs / f"{i}.png")
-        recs.append({"id": i, "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "a colour"}]})
-    (tmp_path / "d32.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:32]))
-    (tmp_path / "d36.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    args = ["--images_dir", imgs, "--vision_model", random_tower, "--init_from", "none",
-            "--dim", 64, "--n_layers", 2, "--num_workers", 0, "--dtype", "float32", "--epochs", 2,
-            "--learning_rate", 1e-3, "--log_interval", 1, "--feature_cache", tmp_path / "cache", "--device", "cpu"]
-    run(sys.executable, "1-pretrain_vlm.py", "--data_path", tmp_path / "d32.jsonl", *args, "--batch_size", 8,
-        "--out_dir", tmp_path / "big")
-    run(sys.executable, "1-pretrain_vlm.py", "--data_path", tmp_path / "d32.jsonl", *args, "--batch_size", 4,
-        "--accumulation_steps", 2, "--out_dir", tmp_path / "acc")
-    a = torch.load(tmp_path / "big" / "64_vlm_pretrain.pth", weights_only=True)
-    b = torch.load(tmp_path / "acc" / "64_vlm_pretrain.pth", weights_only=True)
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-5), k
+    common = tiny_run_args(tmp_path, random_tower)
+    d32 = uniform_data(tmp_path, 32)
+    run(sys.executable, "1-pretrain_vlm.py", *d32, *common, "--batch_size", 8, "--out_dir", tmp_path / "big")
+    run(sys.executable, "1-pretrain_vlm.py", *d32, *common, "--batch_size", 4, "--accumulation_steps", 2,
+        "--out_dir", tmp_path / "acc")
+    assert_same_weights(tmp_path / "big", tmp_path / "acc")
     # 36 samples = 9 micro-batches of 4: 4 full groups per epoch, the 9th micro-batch is dropped
-    run(sys.executable, "1-pretrain_vlm.py", "--data_path", tmp_path / "d36.jsonl", *args, "--batch_size", 4,
+    run(sys.executable, "1-pretrain_vlm.py", *uniform_data(tmp_path, 36), *common, "--batch_size", 4,
         "--accumulation_steps", 2, "--out_dir", tmp_path / "acc36")
     assert json.load(open(tmp_path / "acc36" / "64_vlm_pretrain.json"))["step"] == 8
     assert [r["epoch"] for r in map(json.loads, open(tmp_path / "acc36" / "64_vlm_pretrain_log.jsonl"))] == [0] * 4 + [1] * 4
