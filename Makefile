@@ -10,7 +10,10 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export WANDB_MODE ?= offline
 
-.PHONY: demo test clean-demo
+.PHONY: demo test web api clean-demo
+
+# The servers, on the model `make demo` trained (pass other flags with ARGS="--port 8000 ...").
+DEMO_MODEL := --ckpt out/demo/128_vlm_sft.pth --vision_model model/clip_model/random-clip-vit-base-patch32-seed0
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+web: $(STAMP)
+	$(PY) web_server.py $(DEMO_MODEL) $(ARGS)
+
+api: $(STAMP)
+	$(PY) serve_openai_api.py $(DEMO_MODEL) $(ARGS)
 
 clean-demo:
 	rm -rf dataset/demo dataset/eval_images out/demo model/clip_model/random-clip-vit-base-patch32-seed0

@@ -54,18 +54,53 @@ def generate_batch(model, tokenizer, prompts, image_features, device, **sampling
     return answers
 
 
+class IncrementalDecoder:
+    """Token ids in, text pieces out, at O(1) cost per token however long the answer grows.
+
+    Decoding each new token on its own would break two things: a byte-level BPE splits a Chinese character or
+    an emoji over several tokens (alone, each decodes to U+FFFD), and some tokenizers drop a token's leading
+    space when it starts the decoded text. So it decodes a short window: the tokens since the last emitted
+    piece plus the piece before them as context, and emits only the new text, once it ends in whole
+    characters. `flush()` returns what is left at the end (an unfinished byte sequence, as the tokenizer
+    decodes it)."""
+
+    def __init__(self, tokenizer, skip_special_tokens=True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids = []
+        self.prefix = 0  # window start: the context tokens
+        self.read = 0  # tokens before this one have been emitted
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        done = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]
+
+
 def stream_text(model, tokenizer, prompt, image_features, device, **sampling):
-    """Yield text pieces of one answer as they are generated. A piece is emitted only once its bytes form
-    whole characters, so multi-byte characters are never split."""
+    """Yield text pieces of one answer as they are generated (see IncrementalDecoder)."""
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
     feats = None if image_features is None else [image_features.to(device)]
-    new, printed = [], ""
+    decoder = IncrementalDecoder(tokenizer)
     for tok in model.stream_generate(ids, feats, eos_token_id=tokenizer.eos_token_id, **sampling):
         t = int(tok[0])
         if t == tokenizer.eos_token_id:
             break
-        new.append(t)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            yield text[len(printed):]
-            printed = text
+        piece = decoder.push(t)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:
+        yield rest

@@ -98,11 +98,27 @@ def make_random_vision_model(out_dir: str, seed: int = 0):
     return out_dir
 
 
+PREPROCESS_VERSION = "rgb-white-exif-v2"  # part of the feature-cache fingerprint: bump when preprocessing changes
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB: the EXIF orientation applied (phone photos are stored sideways), transparency composited
+    on white (a plain convert would show transparent pixels as whatever colour they hide, often black)."""
+    from PIL import ImageOps
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def preprocess_image(image: Image.Image) -> torch.Tensor:
-    """PIL image (any mode) -> (3, 224, 224) float tensor: shortest side to 224 (bicubic), centre crop,
-    CLIP mean/std, like CLIPProcessor."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    """PIL image (any mode) -> (3, 224, 224) float tensor: upright RGB (see to_rgb), shortest side to 224
+    (bicubic), centre crop, CLIP mean/std, like CLIPProcessor."""
+    image = to_rgb(image)
     w, h = image.size
     scale = IMAGE_SIZE / min(w, h)
     if (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
@@ -156,7 +172,7 @@ def vision_fingerprint(path: str) -> str:
     """Identifies the encoder for the feature cache: the weight file's size and mtime plus the preprocessing."""
     import hashlib
     p = Path(path)
-    parts = [f"size{IMAGE_SIZE}", CLIP_MEAN.tobytes().hex(), CLIP_STD.tobytes().hex()]
+    parts = [f"size{IMAGE_SIZE}", PREPROCESS_VERSION, CLIP_MEAN.tobytes().hex(), CLIP_STD.tobytes().hex()]
     for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
         f = p / name
         if f.is_file():

@@ -41,3 +41,11 @@ def random_tower(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory, random_tower):
+    """(ckpt, images_dir): a 64x2 model trained to answer 'What colour is it?' with red / green / blue."""
+    from tests.served_model import build
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return build(str(tmp_path_factory.mktemp("served")), str(random_tower), ROOT, env)

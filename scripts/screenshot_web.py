@@ -1,0 +1,55 @@
+"""Take images/web_server.png: drive a running web_server.py in headless Chromium, ask about an image, save
+the page once the answers have streamed.
+
+  make web &                                   # or any web_server.py command
+  .venv/bin/python scripts/screenshot_web.py --url http://127.0.0.1:7788 \
+      --image dataset/eval_images/02_green_triangle.jpg
+"""
+import argparse
+import shutil
+
+from playwright.sync_api import sync_playwright
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def main():
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    p.add_argument("--url", default="http://127.0.0.1:7788")
+    p.add_argument("--image", default="dataset/eval_images/02_green_triangle.jpg")
+    p.add_argument("--questions", nargs="+", default=["What colour is the shape?", "What shape is it?",
+                                                       "这个图形是什么颜色？"])
+    p.add_argument("--temperature", type=float, default=0.0, help="set in the page's Sampling panel")
+    p.add_argument("--out", default="images/web_server.png")
+    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    args = p.parse_args()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 960}, device_scale_factor=1)
+        page.goto(args.url)
+        page.wait_for_selector("#question textarea", timeout=60_000)
+        page.locator("#image input[type=file]").set_input_files(args.image)
+        page.wait_for_selector("#image img", timeout=60_000)
+        page.get_by_text("Sampling").click()
+        temp = page.get_by_label("temperature (0: greedy)").first  # the slider's number box
+        temp.fill(str(args.temperature))
+        temp.press("Enter")
+        for i, q in enumerate(args.questions):
+            page.locator("#question textarea").fill(q)
+            page.locator("#send").click()
+            page.wait_for_function("n => document.querySelectorAll('#chat [data-testid=bot]').length > n", arg=i,
+                                   timeout=120_000)
+            page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=120_000)
+        page.get_by_text("Sampling").click()  # fold the panel again
+        page.wait_for_timeout(500)
+        page.screenshot(path=args.out, full_page=True)
+        answers = [m.inner_text() for m in page.locator("#chat [data-testid=bot]").all()]
+        print(f"{args.out}: {list(zip(args.questions, answers))}")
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""An OpenAI-compatible HTTP API for MiniMind-V: point any OpenAI chat client at http://127.0.0.1:8998/v1.
+
+  python serve_openai_api.py --ckpt out/512_vlm_sft.pth
+
+  POST /v1/chat/completions   messages (text and image_url parts), temperature, top_p, top_k, max_tokens,
+                              seed, stream (server-sent events in the chunk format, stream_options.include_usage)
+  GET  /v1/models             the one model served
+
+Images come inside the request as data URLs ("data:image/png;base64,..."): the server never fetches a remote
+URL or opens a local path. Request bodies and images are bounded (--max_request_bytes, --max_image_bytes,
+--max_image_pixels); anything refused gets a 4xx answer with an OpenAI-style {"error": {...}} body.
+"""
+import argparse
+import base64
+import binascii
+import json
+import os
+import sys
+import time
+import uuid
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+
+from model.LMConfig import IMAGE_MARKER  # noqa: E402
+from model.serving import InputError, PromptTooLong, TooLarge, add_serving_args, load_engine, open_image  # noqa: E402
+
+MAX_REQUEST_BYTES = 16 * 2 ** 20
+DEFAULTS = dict(temperature=0.65, top_p=0.85, max_tokens=256)  # the model's chat defaults, used when absent
+
+
+def parse_args(argv=None):
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    add_serving_args(p, default_port=8998)
+    p.add_argument("--max_request_bytes", type=int, default=MAX_REQUEST_BYTES, help="largest request body")
+    return p.parse_args(argv)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str = None, code: str = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status, message, param=None, code=None):
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+def decode_data_url(url: str, where: str) -> bytes:
+    """The bytes of a base64 data URL. Anything else (http(s) URLs, file paths) is refused, never fetched."""
+    if not url.startswith("data:"):
+        shown = url if len(url) <= 80 else url[:77] + "..."
+        raise ApiError(400, f"{where}: only data URLs (data:image/...;base64,...) are accepted; this server never "
+                            f"fetches remote URLs or opens files (got {shown!r})", where, "unsupported_image_url")
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise ApiError(400, f"{where}: a data URL must look like data:image/png;base64,<data>", where)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where}: the data URL's base64 payload does not decode", where) from None
+
+
+def number(body, name, default, lo, hi, kind=float):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", name)
+    return kind(value)
+
+
+def parse_messages(body, limits):
+    """OpenAI messages -> ([{"role", "content"}] with `<image>` where each image goes, [PIL images])."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    out, images = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object", where)
+        role = {"developer": "system"}.get(m.get("role"), m.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{where}.role must be system, user or assistant, got {m.get('role')!r}", where)
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if content is None and role == "assistant":
+            parts = []
+        if not isinstance(parts, list):
+            raise ApiError(400, f"{where}.content must be a string or a list of parts", f"{where}.content")
+        pieces = []
+        for j, part in enumerate(parts):
+            pw = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                if IMAGE_MARKER in part["text"]:
+                    raise ApiError(400, f"{pw}: '{IMAGE_MARKER}' is reserved; send the image as an image_url "
+                                        "part where it belongs", pw)
+                pieces.append(part["text"])
+            elif kind == "image_url":
+                if role != "user":
+                    raise ApiError(400, f"{pw}: images are accepted in user messages only", pw)
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str):
+                    raise ApiError(400, f"{pw}.image_url.url must be a string", pw)
+                try:
+                    images.append(open_image(decode_data_url(url, pw), f"{pw} image", *limits))
+                except InputError as e:
+                    raise ApiError(413 if isinstance(e, TooLarge) else 400, str(e), pw) from None
+                pieces.append(IMAGE_MARKER)
+            else:
+                raise ApiError(400, f"{pw}: a part must be {{'type': 'text', 'text': ...}} or "
+                                    "{'type': 'image_url', 'image_url': {'url': 'data:...'}}", pw)
+        out.append({"role": role, "content": "\n".join(pieces)})
+    if out[-1]["role"] != "user":
+        raise ApiError(400, "the last message must be from the user", "messages")
+    return out, images
+
+
+def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None, max_image_pixels=None):
+    from model.serving import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+    limits = (max_image_bytes or MAX_IMAGE_BYTES, max_image_pixels or MAX_IMAGE_PIXELS)
+    app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e.status, e.message, e.param, e.code)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
+                                            "owned_by": "minimind-v"}]}
+
+    async def read_json(request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_request_bytes:
+            raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is {max_request_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_request_bytes:
+                raise ApiError(413, f"the request body is over the limit of {max_request_bytes} bytes")
+        try:
+            parsed = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return parsed
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_json(request)
+        if number(body, "n", 1, 1, 1, int) != 1:
+            raise ApiError(400, "n must be 1", "n")
+        if body.get("stop"):
+            raise ApiError(400, "stop sequences are not supported by this server", "stop")
+        messages, images = await run_in_threadpool(parse_messages, body, limits)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        params = dict(
+            temperature=number(body, "temperature", DEFAULTS["temperature"], 0, 2),
+            top_p=number(body, "top_p", DEFAULTS["top_p"], 1e-6, 1),
+            top_k=number(body, "top_k", 0, 0, 100000, int),  # not in OpenAI's API; vLLM and others take it
+            max_new_tokens=number({"m": max_tokens}, "m", DEFAULTS["max_tokens"], 1, engine.cfg.max_seq_len, int),
+            seed=number(body, "seed", None, -2 ** 63, 2 ** 63 - 1, int))
+        features = await run_in_threadpool(engine.encode, images) if images else None
+        try:
+            generation = engine.generate(messages, features, **params)
+        except InputError as e:
+            raise ApiError(400, str(e), "messages", "context_length_exceeded" if isinstance(e, PromptTooLong) else None)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        usage = lambda: {"prompt_tokens": generation.prompt_tokens,  # noqa: E731
+                         "completion_tokens": generation.completion_tokens,
+                         "total_tokens": generation.prompt_tokens + generation.completion_tokens}
+        if not body.get("stream"):
+            text = await run_in_threadpool(generation.text)
+            return {"id": rid, "object": "chat.completion", "created": now, "model": engine.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": generation.finish_reason, "logprobs": None}],
+                    "usage": usage()}
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def events():  # run by Starlette in a worker thread, one chunk at a time
+            def chunk(delta, finish=None, **extra):
+                data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": engine.name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                        **extra}
+                return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in generation:
+                yield chunk({"content": piece})
+            yield chunk({}, generation.finish_reason)
+            if include_usage:
+                data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": engine.name,
+                        "choices": [], "usage": usage()}
+                yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def main(argv=None):
+    import uvicorn
+    args = parse_args(argv)
+    engine = load_engine(args)
+    print(f"MiniMind-V: {engine.describe()}", file=sys.stderr)
+    torch.set_grad_enabled(False)
+    app = create_app(engine, args.max_request_bytes, args.max_image_bytes, args.max_image_pixels)
+    print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

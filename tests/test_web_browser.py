@@ -1,0 +1,149 @@
+"""web_server.py in a subprocess, used through headless Chromium (Debian's `chromium`) driven by Playwright."""
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.served_model import COLOURS, FOLLOW_UP, QUESTION, Server, colour_image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT, GRADIO_ANALYTICS_ENABLED="False")
+# Flags for a machine without network or display; background networking would try (and fail) to reach Google.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 60_000
+
+if not os.path.exists(CHROMIUM) and not os.environ.get("REQUIRE_BROWSER_TESTS"):  # .ci/run sets it
+    pytest.skip("the browser tests need Chromium: apt-get install chromium", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uploads")
+    for name, rgb in COLOURS.items():
+        colour_image(rgb, seed=77).save(d / f"{name}.png")
+    (d / "notes.txt").write_text("this is not an image\n")
+    (d / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # a PNG signature, then garbage
+    return d
+
+
+@pytest.fixture(scope="module")
+def web(served_model, random_tower, tmp_path_factory):
+    ckpt, _ = served_model
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    server = Server(["web_server.py", "--ckpt", ckpt, "--vision_model", random_tower, "--device", "cpu",
+                     "--examples_dir", os.path.join(ROOT, "dataset", "eval_images")], ROOT, ENV, log)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """The demo page as a user sees it."""
+
+    def __init__(self, browser, url):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.page = self.context.new_page()
+        self.hosts = set()
+        self.page.on("request", lambda r: self.hosts.add(r.url.split("/")[2]))
+        self.page.goto(url)
+        self.page.wait_for_selector("#question textarea", timeout=TIMEOUT_MS)
+
+    def upload(self, path, shown=True):
+        self.page.locator("#image input[type=file]").set_input_files(str(path))
+        if shown:  # the preview appears once the upload has reached the server
+            self.page.wait_for_selector("#image img", timeout=TIMEOUT_MS)
+
+    def ask(self, text):
+        n = self.page.locator("#chat [data-testid=bot]").count()
+        self.page.locator("#question textarea").fill(text)
+        self.page.locator("#send").click()
+        return n
+
+    def wait_answer(self, n_before):
+        """The text of answer number n_before + 1, once the server has finished streaming it."""
+        self.page.wait_for_function(
+            "n => document.querySelectorAll('#chat [data-testid=bot]').length > n", arg=n_before,
+            timeout=TIMEOUT_MS)
+        self.page.wait_for_function(  # Send is disabled while an answer streams
+            "() => !document.querySelector('#send').disabled", timeout=TIMEOUT_MS)
+        return self.page.locator("#chat [data-testid=bot]").nth(n_before).inner_text().strip()
+
+    def user_messages(self):
+        return [m.inner_text().strip() for m in self.page.locator("#chat [data-testid=user]").all()]
+
+    def status(self):
+        return self.page.locator("#status").inner_text().strip()
+
+    def wait_status(self, words):
+        self.page.wait_for_function(
+            "w => (document.querySelector('#status')?.innerText || '').includes(w)", arg=words, timeout=TIMEOUT_MS)
+        return self.status()
+
+    def close(self):
+        self.context.close()
+
+
+def test_upload_ask_follow_up(web, browser, images):
+    page = Page(browser, web.url)
+    try:
+        assert "64_vlm_sft" in page.page.locator("#header").inner_text()
+        assert "parameters" in page.page.locator("#header").inner_text()
+        page.upload(images / "red.png")
+        answer = page.wait_answer(page.ask(QUESTION))
+        assert answer == "red"
+        answer = page.wait_answer(page.ask(FOLLOW_UP))  # same conversation: the image is still there
+        assert answer == "red"
+        assert page.user_messages() == [QUESTION, FOLLOW_UP]
+        # a new image starts a new conversation
+        page.upload(images / "blue.png")
+        page.page.wait_for_function("() => document.querySelectorAll('#chat [data-testid=bot]').length == 0",
+                                    timeout=TIMEOUT_MS)
+        assert page.wait_answer(page.ask(QUESTION)) == "blue"
+        assert page.hosts <= {web.url.split("/")[2]}, f"the page fetched from other hosts: {page.hosts}"
+    finally:
+        page.close()
+
+
+def test_errors_are_shown_in_the_page(web, browser, images):
+    page = Page(browser, web.url)
+    try:
+        page.ask(QUESTION)
+        assert "Upload an image first" in page.wait_status("Upload an image")
+        page.upload(images / "fake.png", shown=False)
+        assert "fake.png is not an image" in page.wait_status("fake.png")
+        # a file that does not even claim to be an image is stopped by the page before upload, with a toast
+        page.upload(images / "notes.txt", shown=False)
+        page.page.wait_for_function("() => document.body.innerText.includes('Invalid file type: notes.txt')",
+                                    timeout=TIMEOUT_MS)
+        page.upload(images / "green.png")
+        page.page.wait_for_function("() => (document.querySelector('#status')?.innerText || '').trim() == ''",
+                                    timeout=TIMEOUT_MS)
+        page.ask("   ")
+        assert "Type a question" in page.wait_status("Type a question")
+        assert page.wait_answer(page.ask(QUESTION)) == "green"
+        assert "Traceback" not in page.page.content()
+    finally:
+        page.close()
+
+
+def test_two_visitors_keep_their_own_image(web, browser, images):
+    a, b = Page(browser, web.url), Page(browser, web.url)
+    try:
+        a.upload(images / "red.png")
+        b.upload(images / "blue.png")
+        n_a, n_b = a.ask(QUESTION), b.ask(QUESTION)  # both in flight at once
+        assert (a.wait_answer(n_a), b.wait_answer(n_b)) == ("red", "blue")
+        assert a.user_messages() == [QUESTION] and b.user_messages() == [QUESTION]
+    finally:
+        a.close()
+        b.close()

@@ -1,0 +1,184 @@
+"""A local web demo of MiniMind-V (Gradio): upload an image, chat about it, watch the answer stream.
+
+  python web_server.py --ckpt out/512_vlm_sft.pth                    # the real model, http://127.0.0.1:7788
+  python web_server.py --ckpt out/demo/128_vlm_sft.pth \\
+      --vision_model model/clip_model/random-clip-vit-base-patch32-seed0   # after `make demo`
+
+Each browser session keeps its own image and conversation; a new image starts a new conversation. Answers
+of several visitors are generated concurrently, one decoding step at a time. Nothing is fetched from the
+internet (no analytics, no web fonts).
+"""
+import argparse
+import base64
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from model.LMConfig import IMAGE_MARKER  # noqa: E402
+from model.serving import InputError, add_serving_args, load_engine, open_image  # noqa: E402
+
+EXAMPLE_IMAGES_DIR = "dataset/eval_images"
+EXAMPLE_QUESTIONS = ["Describe this image.", "What colour is the shape?", "What shape is it?",
+                     "请描述这张图片。", "图中形状是什么颜色？", "这是什么形状？"]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+CSS = "#status p { color: #c62828; font-weight: 600; margin: 0; }"
+
+
+def parse_args(argv=None):
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    add_serving_args(p, default_port=7788)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--examples_dir", default=EXAMPLE_IMAGES_DIR, help="example images shown under the upload")
+    p.add_argument("--concurrency", type=int, default=4, help="answers generated at the same time")
+    return p.parse_args(argv)
+
+from gradio.events import Dependency
+
+class UploadedImage(gr.Image):
+    """gr.Image whose upload is decoded by model.serving.open_image (size, pixel and format checks) instead of
+    Gradio's own PIL call, so a bad file becomes a message in the page rather than an unexplained 'Error'.
+    Its value in a handler is an RGB PIL image, or the InputError that says what was wrong."""
+    is_template = True  # drawn by the frontend's Image component
+    max_bytes = max_pixels = None
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        name = Path(payload.orig_name or "the upload").name
+        try:
+            if payload.url and payload.url.startswith("data:"):  # pasted from the clipboard
+                data = base64.b64decode(payload.url.split(",", 1)[1])
+            else:  # a file Gradio saved in its upload cache (it refuses paths outside it)
+                data = Path(payload.path).read_bytes()
+            return open_image(data, name, self.max_bytes, self.max_pixels)
+        except InputError as e:
+            return e
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def session_start():
+    """Per-browser-session state: the image's features and the conversation as the model sees it."""
+    return {"features": None, "history": []}
+
+
+def chat_view(history):
+    """What the chatbot shows: the conversation without the image marker."""
+    return [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, "").strip()} for m in history]
+
+
+def build_app(engine, args):
+    UploadedImage.max_bytes, UploadedImage.max_pixels = args.max_image_bytes, args.max_image_pixels
+    examples = []
+    if os.path.isdir(args.examples_dir):
+        examples = sorted(os.path.join(args.examples_dir, f) for f in os.listdir(args.examples_dir)
+                          if f.lower().endswith(IMAGE_EXTS))
+
+    def on_image(image):
+        """A new image (or none): encode it and start a new conversation."""
+        if isinstance(image, InputError):  # clearing the image fires this again, with None
+            return None, [], session_start(), f"⚠️ {image}"
+        if image is None:  # removed by the user, or by the line above: keep any message
+            return gr.skip(), [], session_start(), gr.skip()
+        state = session_start()
+        state["features"] = engine.encode([image])
+        return gr.skip(), [], state, ""
+
+    def on_question(question, state, temperature, top_k, top_p, max_new_tokens):
+        """Stream the answer into the chat: yields (chatbot, state, textbox, status)."""
+        question = (question or "").strip()
+        if state["features"] is None:
+            yield gr.skip(), state, gr.skip(), "⚠️ Upload an image first (or click one of the examples)."
+            return
+        if not question:
+            yield gr.skip(), state, gr.skip(), "⚠️ Type a question first."
+            return
+        if IMAGE_MARKER in question:
+            yield gr.skip(), state, gr.skip(), f"⚠️ '{IMAGE_MARKER}' is reserved for the image; leave it out."
+            return
+        history = state["history"]
+        content = question if history else f"{IMAGE_MARKER}\n{question}"  # the image goes in the first turn
+        messages = history + [{"role": "user", "content": content}]
+        try:
+            generation = engine.generate(messages, state["features"], max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=int(top_k), top_p=top_p)
+        except InputError as e:
+            yield gr.skip(), state, gr.skip(), f"⚠️ {e}"
+            return
+        answer = ""
+        view = chat_view(messages) + [{"role": "assistant", "content": ""}]
+        yield view, state, "", ""
+        for piece in generation:
+            answer += piece
+            view[-1]["content"] = answer
+            yield view, state, "", ""
+        state["history"] = messages + [{"role": "assistant", "content": answer}]
+        yield view, state, "", ""
+
+    def on_clear(state):
+        """Forget the conversation, keep the image."""
+        return [], {"features": state["features"], "history": []}, "", ""
+
+    theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts request
+    with gr.Blocks(title="MiniMind-V", analytics_enabled=False) as app:
+        gr.Markdown(f"## MiniMind-V\n{engine.describe()}", elem_id="header")
+        state = gr.State(session_start())
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = UploadedImage(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
+                                      elem_id="image")
+                if examples:
+                    gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Example images",
+                                examples_per_page=12)
+                with gr.Accordion("Sampling", open=False):
+                    temperature = gr.Slider(0, 1.5, value=0.65, step=0.05, label="temperature (0: greedy)")
+                    top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0: off)")
+                    top_p = gr.Slider(0.05, 1.0, value=0.85, step=0.05, label="top-p")
+                    max_new = gr.Slider(1, engine.cfg.max_seq_len, step=1, label="max new tokens",
+                                        value=min(256, engine.cfg.max_seq_len))
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chat", buttons=["copy"])
+                status = gr.Markdown("", elem_id="status")
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the image (Enter to send)", show_label=False,
+                                          scale=5, elem_id="question")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                gr.Examples(examples=[[q] for q in EXAMPLE_QUESTIONS], inputs=[question],
+                            label="Example questions")
+                clear = gr.Button("Clear conversation", elem_id="clear")
+
+        image.change(on_image, [image], [image, chatbot, state, status])
+        ask = dict(fn=on_question, inputs=[question, state, temperature, top_k, top_p, max_new],
+                   outputs=[chatbot, state, question, status], concurrency_limit=args.concurrency,
+                   concurrency_id="generate")
+        send.click(**ask)
+        question.submit(**ask)
+        clear.click(on_clear, [state], [chatbot, state, question, status])
+    return app, theme
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    engine = load_engine(args)
+    print(f"MiniMind-V: {engine.describe()}", file=sys.stderr)
+    app, theme = build_app(engine, args)
+    app.queue(max_size=64, default_concurrency_limit=args.concurrency)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
+               max_file_size=args.max_image_bytes, theme=theme, css=CSS, footer_links=["gradio"],
+               show_error=False, quiet=False)
+
+
+if __name__ == "__main__":
+    main()
