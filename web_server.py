@@ -41,14 +41,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class UploadedImage(gr.Image):
-    """gr.Image whose upload is decoded by model.serving.open_image (size, pixel and format checks) instead of
+def image_input(max_bytes, max_pixels, **kwargs):
+    """A gr.Image whose upload is decoded by model.serving.open_image (size, pixel and format checks) instead of
     Gradio's own PIL call, so a bad file becomes a message in the page rather than an unexplained 'Error'.
-    Its value in a handler is an RGB PIL image, or the InputError that says what was wrong."""
-    is_template = True  # drawn by the frontend's Image component
-    max_bytes = max_pixels = None
+    Its value in a handler is an RGB PIL image, or the InputError that says what was wrong. (The instance's
+    preprocess is replaced rather than subclassing: Gradio writes a .pyi file beside any component subclass.)"""
+    image = gr.Image(type="pil", **kwargs)
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is None:
             return None
         name = Path(payload.orig_name or "the upload").name
@@ -57,9 +57,11 @@ class UploadedImage(gr.Image):
                 data = base64.b64decode(payload.url.split(",", 1)[1])
             else:  # a file Gradio saved in its upload cache (it refuses paths outside it)
                 data = Path(payload.path).read_bytes()
-            return open_image(data, name, self.max_bytes, self.max_pixels)
+            return open_image(data, name, max_bytes, max_pixels)
         except InputError as e:
             return e
+    image.preprocess = preprocess
+    return image
 
 
 def session_start():
@@ -73,7 +75,6 @@ def chat_view(history):
 
 
 def build_app(engine, args):
-    UploadedImage.max_bytes, UploadedImage.max_pixels = args.max_image_bytes, args.max_image_pixels
     examples = []
     if os.path.isdir(args.examples_dir):
         examples = sorted(os.path.join(args.examples_dir, f) for f in os.listdir(args.examples_dir)
@@ -142,8 +143,8 @@ def build_app(engine, args):
         state = gr.State(session_start())
         with gr.Row():
             with gr.Column(scale=2):
-                image = UploadedImage(type="pil", label="Image", sources=["upload", "clipboard"], height=320,
-                                      elem_id="image")
+                image = image_input(args.max_image_bytes, args.max_image_pixels, label="Image",
+                                    sources=["upload", "clipboard"], height=320, elem_id="image")
                 if examples:
                     gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Example images",
                                 examples_per_page=12)

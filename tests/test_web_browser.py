@@ -130,6 +130,8 @@ def test_errors_are_shown_in_the_page(web, browser, images):
                                     timeout=TIMEOUT_MS)
         page.ask("   ")
         assert "Type a question" in page.wait_status("Type a question")
+        page.ask("why " * 9000)
+        assert "this model reads at most 8191" in page.wait_status("reads at most")
         assert page.wait_answer(page.ask(QUESTION)) == "green"
         assert "Traceback" not in page.page.content()
     finally:
