@@ -8,12 +8,13 @@ projected CLIP tokens of the corresponding image. Loss is on every assistant ans
 Images are decoded here, inside DataLoader workers; the frozen encoder runs in the training process.
 """
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
 from .vision_utils import preprocess_image
@@ -161,6 +162,21 @@ class VLMDataset(Dataset):
     def where(self, i):
         return f"{self.data_path}: record {i} (id {self.records[i].get('id', '?')})"
 
+    def approx_lengths(self, progress=True):
+        """Token count of every record before truncation (text tokenized in large batches, 50 per image),
+        for grouping batches by length. Cheap: one pass, no images opened."""
+        from tqdm import tqdm
+        lengths = []
+        chunk = 4096
+        for start in tqdm(range(0, len(self.records), chunk), desc="measuring lengths", disable=not progress,
+                          unit="chunk"):
+            recs = self.records[start:start + chunk]
+            texts = ["".join(t["value"].replace(IMAGE_MARKER, "") for t in r["conversations"]) for r in recs]
+            for r, ids in zip(recs, self.tokenizer(texts, add_special_tokens=False).input_ids):
+                n_images = sum(t["value"].count(IMAGE_MARKER) for t in r["conversations"])
+                lengths.append(min(self.max_seq_len, len(ids) + 50 * n_images + 8 * len(r["conversations"])))
+        return lengths
+
     def image_paths(self, i):
         return [os.path.join(self.images_dir, p) for p in record_images(self.records[i])]
 
@@ -208,6 +224,50 @@ class VLMCollator:
             "pixel_values": torch.stack([px for _, px in todo]) if todo else None,
             "index": [s["index"] for s in batch],
         }
+
+
+class LengthGroupedBatchSampler(Sampler):
+    """Shuffled batches of samples of similar length, so padding to a batch's longest sequence wastes little.
+
+    An optimizer step consumes one global batch: batch_size x accumulation x num_replicas samples. Each
+    epoch: a seeded permutation; chunks of `group` global batches are sorted by length and cut into global
+    batches; the global batches are shuffled; rank r takes every num_replicas-th sample of each and yields it
+    as `accumulation` micro-batches; a last, smaller global batch comes at the end. Every sample is visited
+    once per epoch (under DDP the permutation is first padded with repeats to a multiple of num_replicas, as
+    DistributedSampler does). So a 2-rank run, or a run with 2 accumulation steps, sees the same global
+    batches as 1 rank with twice the batch (exactly so when the dataset size is a multiple of the ranks). group=1 gives plain shuffled batches."""
+
+    def __init__(self, lengths, batch_size, num_replicas=1, rank=0, seed=0, group=64, accumulation=1):
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, max(1, group)
+        self.num_replicas, self.rank, self.accumulation, self.epoch = num_replicas, rank, accumulation, 0
+        self.total = math.ceil(len(self.lengths) / num_replicas) * num_replicas
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        size = self.batch_size * self.accumulation * self.num_replicas
+        rest = self.total % size
+        return self.total // size * self.accumulation + math.ceil(rest / self.num_replicas / self.batch_size)
+
+    def global_batches(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        order += order[:self.total - len(order)]
+        size = self.batch_size * self.accumulation * self.num_replicas
+        batches = []
+        for c in range(0, len(order), size * self.group):
+            chunk = sorted(order[c:c + size * self.group], key=lambda i: -self.lengths[i])
+            batches += [chunk[j:j + size] for j in range(0, len(chunk), size)]
+        short = [b for b in batches if len(b) < size]  # at most one; it goes last, where the trainer drops an
+        full = [b for b in batches if len(b) == size]  # incomplete accumulation group
+        return [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            share = batch[self.rank::self.num_replicas]
+            for j in range(0, len(share), self.batch_size):
+                yield share[j:j + self.batch_size]
 
 
 class ImageFileDataset(Dataset):

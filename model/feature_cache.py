@@ -1,9 +1,10 @@
 """Image features are a pure function of (image file, frozen encoder): compute each once, keep it.
 
 Entries are fp16 (50, 768) arrays, kept in RAM up to a budget and, when a directory is given, on disk as
-`{root}/{encoder fingerprint}/{key[:2]}/{key}.npy` (written atomically, read with allow_pickle=False), so
-later epochs, the SFT stage after pretraining, and DDP ranks all share them. A changed encoder has another
-fingerprint; a changed image file has another key (path, size, mtime): stale entries are never read.
+`{root}/{encoder fingerprint}/{key[:2]}/{key}.npy` (written atomically; read memory-mapped, without
+pickle), so later epochs, later runs, the SFT stage after pretraining and DDP ranks all share them. A
+changed encoder (weights or preprocessing) has another fingerprint; a changed image file has another key
+(path, size, mtime): stale entries are never read.
 """
 import os
 from pathlib import Path
@@ -39,7 +40,8 @@ class FeatureCache:
     def get(self, key) -> torch.Tensor:
         t = self.ram.get(key)
         if t is None:
-            t = torch.from_numpy(np.load(self._file(key), allow_pickle=False))
+            # Memory-mapped: the bytes go from the page cache straight into this tensor, one copy.
+            t = torch.tensor(np.load(self._file(key), mmap_mode="r", allow_pickle=False))
             self._keep(key, t)
         self.hits += 1
         return t

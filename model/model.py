@@ -6,7 +6,7 @@ Read top to bottom:
   2. the projector: one Linear(768 -> dim) applied to the 50 CLIP tokens of each image;
   3. MiniMindVLM.forward: embed the prompt, splice projected image tokens over the 50-token placeholder
      (one masked assignment), run the blocks, tie the output head to the embedding;
-  4. generation with a key/value cache that the caller holds.
+  4. generation with a preallocated key/value cache that the caller holds.
 
 Parameter names are upstream MiniMind-V v1's, so its released .pth state dicts load with strict=True.
 The vision encoder itself lives outside this module (model/vision_utils.py): it is frozen, so the model
@@ -14,7 +14,7 @@ takes its output, `image_features` of shape (..., 50, 768), not pixels.
 """
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,33 @@ import torch.nn.functional as F
 
 from .LMConfig import LMConfig
 
-KVCache = List[Tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (B, T_past, n_kv_heads, head_dim)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `capacity` positions. A decoding step writes its one
+    new key/value into the next free slot; concatenating onto the history instead would copy all of it at
+    every step (quadratic in the answer's length). The caller holds it; the modules keep no state."""
+
+    def __init__(self, n_layers: int, batch_size: int, capacity: int):
+        self.n_layers, self.batch_size, self.capacity = n_layers, batch_size, capacity
+        self.k = self.v = None  # (n_layers, B, capacity, n_kv_heads, head_dim), allocated on first write
+        self.length = 0  # positions filled (the same in every layer once a forward pass is complete)
+
+    def update(self, layer: int, k, v):
+        """Write this step's (B, T, n_kv_heads, head_dim) keys/values; return all of them so far."""
+        start, end = self.length, self.length + k.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; this step needs {end}")
+        if self.k is None:
+            shape = (self.n_layers, self.batch_size, self.capacity) + tuple(k.shape[2:])
+            self.k = k.new_empty(shape)
+            self.v = v.new_empty(shape)
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def advance(self, n: int):
+        self.length += n
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,15 +95,14 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, attn_mask, past_kv=None):
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_kv is not None:
-            k, v = torch.cat((past_kv[0], k), dim=1), torch.cat((past_kv[1], v), dim=1)
-        new_kv = (k, v)
+        if cache is not None:  # keys/values of the earlier positions, plus this step's
+            k, v = cache.update(layer, k, v)
         # Grouped-query attention: each KV head serves n_heads // n_kv_heads consecutive query heads.
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -85,7 +110,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.resid_dropout(self.wo(y)), new_kv
+        return self.resid_dropout(self.wo(y))
 
 
 class FeedForward(nn.Module):
@@ -162,10 +187,9 @@ class MiniMindBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MOEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
 
-    def forward(self, x, cos, sin, attn_mask, past_kv=None):
-        a, new_kv = self.attention(self.attention_norm(x), cos, sin, attn_mask, past_kv)
-        h = x + a
-        return h + self.feed_forward(self.ffn_norm(h)), new_kv
+    def forward(self, x, cos, sin, attn_mask, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, self.layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,7 +311,7 @@ class MiniMindVLM(nn.Module):
 
     def _attention_mask(self, attention_mask, B, T, past_len, device):
         """None (plain causal, fast path) or a boolean (B, 1, T, past_len + T) mask that also hides padding."""
-        if attention_mask is None and past_len == 0:
+        if attention_mask is None and (past_len == 0 or T == 1):  # causal via is_causal, or one query: no mask
             return None
         S = past_len + T
         causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past_len)
@@ -305,20 +329,23 @@ class MiniMindVLM(nn.Module):
                 loss_only: bool = False):
         """logits (B, T, vocab) and, given labels (B, T) with -100 where no loss is taken, the mean next-token
         loss over labelled positions (+ the MoE balancing loss). loss_only=True skips the full logits and runs
-        the output head only where a label is: in VLM training most positions are image or prompt tokens."""
+        the output head only where a label is: in VLM training most positions are image or prompt tokens.
+        use_cache=True fills past_key_values (a KVCache; one just big enough for this input if none is given)
+        and returns it; the next call passes it back with only the new tokens."""
         B, T = input_ids.shape
-        past_len = past_key_values[0][0].shape[1] if past_key_values else 0
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache(len(self.layers), B, T)
+        past_len = past_key_values.length if past_key_values is not None else 0
         if past_len + T > self.params.max_seq_len:
             raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len={self.params.max_seq_len}")
         h = self.splice_images(input_ids, self.tok_embeddings(input_ids), image_features)
         h = self.dropout(h)
         cos, sin = self.rope_cos[past_len:past_len + T], self.rope_sin[past_len:past_len + T]
         mask = self._attention_mask(attention_mask, B, T, past_len, input_ids.device)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            h, kv = layer(h, cos, sin, mask, past_key_values[i] if past_key_values else None)
-            if use_cache:
-                new_cache.append(kv)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, past_key_values)
+        if past_key_values is not None:
+            past_key_values.advance(T)
         h = self.norm(h)
         aux_loss = sum((l.feed_forward.aux_loss for l in self.layers if self.params.use_moe
                         and l.feed_forward.aux_loss is not None), h.new_zeros((), dtype=torch.float32))
@@ -337,7 +364,7 @@ class MiniMindVLM(nn.Module):
                                      ignore_index=-100, reduction="sum")
                 loss = ce / (targets != -100).sum().clamp(min=1) + aux_loss
         return VLMOutput(logits=logits, loss=loss, aux_loss=aux_loss,
-                         past_key_values=new_cache if use_cache else None)
+                         past_key_values=past_key_values)
 
     # ------------------------------------------------------------------------------------------------------
     # 4. Generation
@@ -352,29 +379,33 @@ class MiniMindVLM(nn.Module):
         Batched prompts of different lengths are left-padded with attention_mask 0 on the padding.
         temperature <= 0 means greedy decoding."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        max_new_tokens = min(max_new_tokens, self.params.max_seq_len - T)
-        seen = input_ids  # tokens the repetition penalty applies to
+        max_new_tokens = max(0, min(max_new_tokens, self.params.max_seq_len - T))
+        # Prompt + answer ids and their attention mask live in buffers filled one column per step.
+        ids = input_ids.new_empty((B, T + max_new_tokens))
+        ids[:, :T] = input_ids
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        mask = None
+        if padded:  # left padding: every later position is real, so the mask only matters for padded rows
+            mask = attention_mask.new_ones((B, T + max_new_tokens))
+            mask[:, :T] = attention_mask
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        out = self(input_ids, image_features, attention_mask=attention_mask, use_cache=use_cache)
-        cache, ids = out.past_key_values, input_ids
-        for _ in range(max_new_tokens):
-            next_id = sample_next_token(out.logits[:, -1, :].float(), seen, temperature, top_k, top_p,
+        cache = KVCache(len(self.layers), B, T + max_new_tokens) if use_cache else None
+        out = self(input_ids, image_features, attention_mask=None if mask is None else mask[:, :T],
+                   past_key_values=cache)
+        for n in range(T, T + max_new_tokens):
+            next_id = sample_next_token(out.logits[:, -1, :].float(), ids[:, :n], temperature, top_k, top_p,
                                         repetition_penalty, generator)
             next_id = torch.where(finished, torch.full_like(next_id, eos_token_id), next_id)
             finished |= next_id == eos_token_id
             yield next_id
-            if bool(finished.all()):
+            if bool(finished.all()) or n + 1 == T + max_new_tokens:
                 return
-            seen = torch.cat((seen, next_id[:, None]), dim=1)
-            attention_mask = torch.cat((attention_mask, torch.ones_like(next_id)[:, None]), dim=1)
+            ids[:, n] = next_id
+            step_mask = None if mask is None else mask[:, :n + 1]
             if use_cache:
-                out = self(next_id[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = self(ids[:, n:n + 1], attention_mask=step_mask, past_key_values=cache)
             else:  # recompute everything: slow, kept as the reference the cache is tested against
-                ids = torch.cat((ids, next_id[:, None]), dim=1)
-                out = self(ids, image_features, attention_mask=attention_mask)
+                out = self(ids[:, :n + 1], image_features, attention_mask=step_mask)
 
     def generate(self, input_ids, image_features: ImageFeatures = None, **kwargs):
         """(B, n_new) tensor of generated ids (eos included where reached; finished rows padded with eos)."""

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_strict, read_state_dict, save_checkpoint
-from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, VLMCollator, VLMDataset, collate_images,
-                      image_cache_key, image_token_ids, load_tokenizer)
+from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
+                      collate_images, image_cache_key, image_token_ids, load_tokenizer)
 from .feature_cache import FeatureCache
 from .LMConfig import LMConfig
 from .model import MiniMindVLM
@@ -77,6 +77,9 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--init_from", default="auto", help=f"starting weights: auto = {{out_dir}}/{{dim}}[_moe]{r.init_suffix}.pth, "
                                            "a path, or 'none' for random init")
     a("--seed", type=int, default=1337)
+    a("--compile", action="store_true", help="torch.compile the model (first steps are slow while it compiles)")
+    a("--length_group", type=int, default=64, help="batches formed together from samples sorted by length, so "
+                                                   "padding is small (1: plain shuffled batches)")
     a("--feature_cache", default=None, help="image feature cache directory (None: {out_dir}/feature_cache)")
     a("--no_feature_cache", action="store_true", help="no on-disk cache: images are encoded as batches need them and kept in RAM "
                                                        "(up to 4 GB) for later epochs of this run only")
@@ -141,6 +144,15 @@ def batch_image_features(batch, cache, vision_model, amp_dtype, device):
     return rows
 
 
+def make_adamw(params, lr):
+    """AdamW with the fused kernel (one pass over all parameters; on the 2-core dev CPU a 27M-model step
+    took 20 ms fused, 63 ms with the default per-parameter loop, 105 ms with foreach), else the default."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr)
+
+
 def save_loss_curve(log, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -187,8 +199,10 @@ def train(recipe: Recipe, argv=None):
             print(f"feature cache {cache.dir}: {n_images} images, {n_new} newly encoded by rank 0")
 
     # One sampler for every case, so a 2-rank run sees exactly the batches of a 1-rank run with twice the batch.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+    lengths = dataset.approx_lengths(progress=master) if args.length_group > 1 else [0] * len(dataset)
+    sampler = LengthGroupedBatchSampler(lengths, args.batch_size, world, rank, args.seed, args.length_group,
+                                        args.accumulation_steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                         collate_fn=VLMCollator(pad_id=tokenizer.pad_token_id or 0),
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     steps_per_epoch = max(1, len(loader) // args.accumulation_steps)
@@ -199,7 +213,9 @@ def train(recipe: Recipe, argv=None):
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.use_moe)
-    optimizer = torch.optim.AdamW([p for p in raw_model.parameters() if p.requires_grad], lr=args.learning_rate)
+    if args.compile:  # dynamic shapes: batches are padded to their own length, which varies
+        model = torch.compile(model, dynamic=True)
+    optimizer = make_adamw([p for p in raw_model.parameters() if p.requires_grad], args.learning_rate)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
@@ -233,7 +249,8 @@ def train(recipe: Recipe, argv=None):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             features = batch_image_features(batch, cache, vision_model, amp_dtype, device)
-            input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
             sync = model.no_sync() if ddp and not last_micro else nullcontext()
             with sync, autocast:
                 loss = model(input_ids, features, labels=labels, loss_only=True).loss / args.accumulation_steps
@@ -274,6 +291,9 @@ def train(recipe: Recipe, argv=None):
         if step >= total_steps:
             break
     progress.close()
+    if master and args.compile:
+        from torch._dynamo.utils import counters
+        print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled")
     if master:
         _save(raw_model, out_path, cfg, recipe, args, step, log)
         print(f"saved {out_path} after {step} steps in {time.time() - t0:.0f}s; final loss "

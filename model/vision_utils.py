@@ -169,13 +169,17 @@ def encode_images(vision_model, pixel_values: torch.Tensor, dtype=None) -> torch
 
 
 def vision_fingerprint(path: str) -> str:
-    """Identifies the encoder for the feature cache: the weight file's size and mtime plus the preprocessing."""
+    """Identifies the encoder for the feature cache: a hash of its config and weight bytes plus the
+    preprocessing. A copy of the same weights elsewhere shares cached features; any changed byte does not."""
     import hashlib
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"size{IMAGE_SIZE}|{PREPROCESS_VERSION}|".encode() + CLIP_MEAN.tobytes() + CLIP_STD.tobytes())
     p = Path(path)
-    parts = [f"size{IMAGE_SIZE}", PREPROCESS_VERSION, CLIP_MEAN.tobytes().hex(), CLIP_STD.tobytes().hex()]
     for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
         f = p / name
         if f.is_file():
-            st = f.stat()
-            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+            h.update(name.encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    return h.hexdigest()

@@ -160,6 +160,23 @@ def test_kv_cache_generation_equals_recompute(tokenizer, tiny_cfg):
     assert torch.equal(alone[0], cached[1])
 
 
+def test_kv_cache_is_preallocated_and_written_in_place(tiny_cfg):
+    from model.model import KVCache
+    model = MiniMindVLM(tiny_cfg()).eval()
+    ids = torch.randint(3, 6400, (2, 7))
+    cache = KVCache(len(model.layers), 2, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        model(ids[:, :5], past_key_values=cache)
+        storage = cache.k.data_ptr()
+        step = model(ids[:, 5:6], past_key_values=cache).logits
+        last = model(ids[:, 6:7], past_key_values=cache).logits
+    assert cache.length == 7 and cache.k.data_ptr() == storage  # no reallocation, no concatenation
+    assert torch.allclose(step[:, 0], full[:, 5], atol=1e-5) and torch.allclose(last[:, 0], full[:, 6], atol=1e-5)
+    with pytest.raises(ValueError, match="holds 10 positions; this step needs 11"):
+        model(torch.randint(3, 6400, (2, 4)), past_key_values=cache)
+
+
 def test_streaming_stops_at_eos_per_row(tiny_cfg):
     model = MiniMindVLM(tiny_cfg()).eval()
     ids = torch.randint(3, 6400, (2, 5))

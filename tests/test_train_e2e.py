@@ -150,3 +150,17 @@ def test_accumulation_equals_bigger_batch(tmp_path, random_tower):
         "--accumulation_steps", 2, "--out_dir", tmp_path / "acc36")
     assert json.load(open(tmp_path / "acc36" / "64_vlm_pretrain.json"))["step"] == 8
     assert [r["epoch"] for r in map(json.loads, open(tmp_path / "acc36" / "64_vlm_pretrain_log.jsonl"))] == [0] * 4 + [1] * 4
+
+
+def test_compile_trains_like_eager(tmp_path, random_tower):
+    """--compile (torch.compile, dynamic shapes) runs the real training step and gives eager's losses."""
+    common = tiny_run_args(tmp_path, random_tower) + ["--batch_size", 4, "--max_steps", 3]
+    data = uniform_data(tmp_path, 12)
+    run(sys.executable, "1-pretrain_vlm.py", *data, *common, "--out_dir", tmp_path / "eager")
+    p = run(sys.executable, "1-pretrain_vlm.py", *data, *common, "--compile", "--out_dir", tmp_path / "compiled")
+    n_graphs = int(p.stdout.split("torch.compile: ")[1].split()[0])
+    assert n_graphs >= 1, p.stdout
+    eager, compiled = losses(tmp_path / "eager", "64_vlm_pretrain"), losses(tmp_path / "compiled", "64_vlm_pretrain")
+    assert len(compiled) == 3
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert_same_weights(tmp_path / "eager", tmp_path / "compiled")

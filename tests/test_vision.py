@@ -1,5 +1,6 @@
 """Loading the CLIP tower from local directories, preprocessing, encoding, the feature cache."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -108,6 +109,32 @@ def test_fingerprint_follows_the_weights(tmp_path, random_tower):
     copy = tmp_path / "random-copy"
     shutil.copytree(random_tower, copy)
     a = vision_fingerprint(str(copy))
-    import os
-    os.utime(copy / "model.safetensors", ns=(1, 1))  # rewritten weights: same size, new mtime
+    assert vision_fingerprint(str(random_tower)) == a  # same bytes elsewhere: same cache
+    os.utime(copy / "model.safetensors", ns=(1, 1))  # touched, not changed
+    assert vision_fingerprint(str(copy)) == a
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    (copy / "model.safetensors").write_bytes(bytes(data))
     assert vision_fingerprint(str(copy)) != a
+
+
+
+def test_cached_features_equal_fresh_ones_and_follow_the_file(tmp_path, random_tower):
+    from model.chat import features_for
+    from model.dataset import image_cache_key, load_image
+    tower = load_vision_model(str(random_tower))
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue"]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (64, 64), colour).save(paths[-1])
+    pixels = torch.stack([load_image(p) for p in paths])
+    cache = FeatureCache(tmp_path / "cache", vision_fingerprint(str(random_tower)))
+    keys = [image_cache_key(p) for p in paths]
+    first = features_for(tower, pixels, None, cache, keys)
+    assert (cache.hits, cache.misses) == (3, 3)  # encoded once, then read back
+    again = features_for(tower, pixels, None, FeatureCache(tmp_path / "cache", cache.dir.name), keys)
+    fresh = encode_images(tower, pixels)
+    assert torch.equal(first, again)
+    assert torch.allclose(again, fresh, rtol=1e-3, atol=1e-2)  # fp16 storage of fp32 features
+    Image.new("RGB", (64, 64), "black").save(paths[0])  # the image changed: its entry is not used
+    assert image_cache_key(paths[0]) not in cache
