@@ -1,0 +1,35 @@
+"""scripts/benchmark.py --quick: the machinery runs end to end and reports every number it promises.
+(The numbers themselves are for BENCHMARKS.md; no test asserts a speed.)"""
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+MODE_FIELDS = {"samples_per_s", "tokens_per_s", "step_s", "padding_share", "model_tflops_per_s", "peak_memory_mb",
+               "mfu", "loss", "gflop_per_sample"}
+
+
+def test_quick_benchmark_reports_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "scripts/benchmark.py", "--quick", "--out", str(out), "--workdir",
+                        str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == json.loads(out.read_text())
+    assert "speed-up over naive" in p.stdout and "samples/s" in p.stdout  # the table
+    assert res["config"]["size"] == "tiny" and res["config"]["quick"] is True
+    assert set(res["hardware"]) == {"matmul_fp32_gflops", "matmul_bf16_gflops", "memory_gb_per_s"}
+    assert set(res["encoder"]) == {"fp32_batch32_images_per_s", "fp32_batch1_images_per_s", "bf16_batch4_images_per_s"}
+    for stage in ("pretrain", "sft"):
+        assert set(res["train"][stage]) == {"ours_cold", "ours_warm", "naive"}
+        for mode in res["train"][stage].values():
+            assert set(mode) == MODE_FIELDS and all(v > 0 for k, v in mode.items() if k != "padding_share")
+        # per-batch padding of length-grouped batches against padding everything to max_seq_len
+        assert res["train"][stage]["ours_warm"]["padding_share"] < 0.3 < res["train"][stage]["naive"]["padding_share"]
+    assert {"ttft_s", "tokens_per_s", "batch8_tokens_per_s", "naive_ttft_s", "naive_tokens_per_s", "weight_bytes",
+            "bandwidth_bound_tokens_per_s"} == set(res["decode"])
+    assert {"pretrain_first_epoch", "pretrain_later_epochs", "pretrain_19_epochs", "sft_first_epoch",
+            "sft_later_epochs", "sft_19_epochs", "decode", "decode_batch8_vs_naive_single",
+            "encoder_batched_vs_per_image"} == set(res["speedup"])
+    assert all(v > 0 for v in res["speedup"].values())
