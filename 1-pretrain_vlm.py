@@ -1,5 +1,5 @@
 """Stage 1: caption pretraining. Teaches the projector (and the LLM) to talk about what the frozen CLIP tower
-sees. Starts from a text-only MiniMind LLM, out/{dim}[_moe]_llm.pth; writes out/{dim}[_moe]_vlm_pretrain.pth.
+sees. Starts from a text-only MiniMind LLM, out/{dim}[_moe]_llm.pth; writes out/{dim}[_moe]_vlm_pretrain.safetensors.
 
   python 1-pretrain_vlm.py                                   # one process
   torchrun --nproc_per_node 2 1-pretrain_vlm.py              # DDP

@@ -1,5 +1,5 @@
 """Stage 2: instruction tuning on image Q&A (single- and multi-turn). Starts from stage 1's
-out/{dim}[_moe]_vlm_pretrain.pth; writes out/{dim}[_moe]_vlm_sft.pth.
+out/{dim}[_moe]_vlm_pretrain (.safetensors or .pth); writes out/{dim}[_moe]_vlm_sft.safetensors.
 
   python 2-sft_vlm.py
   torchrun --nproc_per_node 2 2-sft_vlm.py

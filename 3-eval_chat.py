@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.chat import build_prompt, features_for, generate_batch, stream_text
-from model.checkpoint import load_vlm
+from model.checkpoint import load_vlm, resolve_checkpoint
 from model.dataset import (DEFAULT_TOKENIZER, ROLES, image_cache_key, load_image, load_records, load_tokenizer,
                            record_images)
 from model.feature_cache import FeatureCache
@@ -33,7 +33,7 @@ def parse_args(argv=None):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
     a = p.add_argument
-    a("--ckpt", default=None, help="checkpoint .pth (None: out/{dim}[_moe]_vlm_{sft|pretrain}.pth)")
+    a("--ckpt", default=None, help="checkpoint .safetensors or .pth (None: out/{dim}[_moe]_vlm_{sft|pretrain})")
     a("--dim", type=int, default=512, help="picks the default --ckpt")
     a("--use_moe", action="store_true", help="picks the default --ckpt")
     a("--model_mode", type=int, default=1, choices=[0, 1], help="picks the default --ckpt: 0 pretrain, 1 sft")
@@ -180,7 +180,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.ckpt is None:
         moe = "_moe" if args.use_moe else ""
-        args.ckpt = f"out/{args.dim}{moe}_vlm_{'sft' if args.model_mode == 1 else 'pretrain'}.pth"
+        args.ckpt = f"out/{args.dim}{moe}_vlm_{'sft' if args.model_mode == 1 else 'pretrain'}"
+    args.ckpt = resolve_checkpoint(args.ckpt)
     tokenizer = load_tokenizer(args.tokenizer)
     model, cfg = load_vlm(args.ckpt, tokenizer, device)
     vision_model = load_vision_model(args.vision_model, device)

@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 .PHONY: demo test web api clean-demo
 
 # The servers, on the model `make demo` trained (pass other flags with ARGS="--port 8000 ...").
-DEMO_MODEL := --ckpt out/demo/128_vlm_sft.pth --vision_model model/clip_model/random-clip-vit-base-patch32-seed0
+DEMO_MODEL := --ckpt out/demo/128_vlm_sft --vision_model model/clip_model/random-clip-vit-base-patch32-seed0
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP API for MiniMind-V: point any OpenAI chat client at http://127.0.0.1:8998/v1.
 
-  python serve_openai_api.py --ckpt out/512_vlm_sft.pth
+  python serve_openai_api.py --ckpt out/512_vlm_sft
 
   POST /v1/chat/completions   messages (text and image_url parts), temperature, top_p, top_k, max_tokens,
                               seed, stream (server-sent events in the chunk format, stream_options.include_usage)

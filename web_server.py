@@ -1,7 +1,7 @@
 """A local web demo of MiniMind-V (Gradio): upload an image, chat about it, watch the answer stream.
 
-  python web_server.py --ckpt out/512_vlm_sft.pth                    # the real model, http://127.0.0.1:7788
-  python web_server.py --ckpt out/demo/128_vlm_sft.pth \\
+  python web_server.py --ckpt out/512_vlm_sft                    # the real model, http://127.0.0.1:7788
+  python web_server.py --ckpt out/demo/128_vlm_sft \\
       --vision_model model/clip_model/random-clip-vit-base-patch32-seed0   # after `make demo`
 
 Each browser session keeps its own image and conversation; a new image starts a new conversation. Answers

@@ -1,5 +1,7 @@
 """Inference helpers for 3-eval_chat.py (and the web demo): prompt building, image features, batched
 generation and streaming text."""
+import itertools
+
 import torch
 
 from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
@@ -89,18 +91,22 @@ class IncrementalDecoder:
         return text[len(done):]
 
 
-def stream_text(model, tokenizer, prompt, image_features, device, **sampling):
-    """Yield text pieces of one answer as they are generated (see IncrementalDecoder)."""
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
-    feats = None if image_features is None else [image_features.to(device)]
+def text_pieces(token_ids, tokenizer):
+    """Text pieces for an iterable of token ids (without the EOS), streamed by IncrementalDecoder."""
     decoder = IncrementalDecoder(tokenizer)
-    for tok in model.stream_generate(ids, feats, eos_token_id=tokenizer.eos_token_id, **sampling):
-        t = int(tok[0])
-        if t == tokenizer.eos_token_id:
-            break
+    for t in token_ids:
         piece = decoder.push(t)
         if piece:
             yield piece
     rest = decoder.flush()
     if rest:
         yield rest
+
+
+def stream_text(model, tokenizer, prompt, image_features, device, **sampling):
+    """Yield text pieces of one answer as they are generated."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids], device=device)
+    feats = None if image_features is None else [image_features.to(device)]
+    steps = model.stream_generate(ids, feats, eos_token_id=tokenizer.eos_token_id, **sampling)
+    tokens = itertools.takewhile(lambda t: t != tokenizer.eos_token_id, (int(s[0]) for s in steps))
+    yield from text_pieces(tokens, tokenizer)

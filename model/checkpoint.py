@@ -10,9 +10,32 @@ import torch
 from .LMConfig import LMConfig
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth")
+
+
+def resolve_checkpoint(path) -> str:
+    """The weights file a user means: the path as given if it exists, else the same name with .safetensors
+    or .pth (in that order), so `out/512_vlm_sft` and upstream's `out/512_vlm_sft.pth` both work. A missing
+    file is returned unchanged for the reader to report."""
+    p = Path(path)
+    if p.exists():
+        return str(p)
+    stem = p.with_suffix("") if p.suffix in WEIGHT_SUFFIXES else p
+    for suffix in WEIGHT_SUFFIXES:
+        candidate = stem.with_name(stem.name + suffix)
+        if candidate.is_file():
+            return str(candidate)
+    return str(p)
+
+
 def read_state_dict(path) -> dict:
     """Tensors from a .pth (torch.load with weights_only=True) or a .safetensors file."""
     path = str(path)
+    if os.path.isdir(path):  # a directory written by export_model.py
+        inner = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(inner):
+            raise FileNotFoundError(f"{path} is a directory without model.safetensors (not an export_model.py export)")
+        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in read_state_dict(inner).items()}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -56,12 +79,19 @@ def sidecar_path(ckpt_path) -> Path:
 
 
 def save_checkpoint(model, path, config: LMConfig, extra=None):
-    """Plain state dict (upstream names, fp32) + a JSON sidecar with the config; both written atomically."""
+    """State dict (upstream names) as .safetensors or, for a .pth path, an upstream-style torch.save file,
+    plus a JSON sidecar with the config. Both are written to a temporary file and renamed, so a kill during
+    a save leaves the previous files intact. The tied embedding/output matrix is stored under both names,
+    as upstream's files have it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}  # clone: untie
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(sd, tmp)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    else:
+        torch.save(sd, tmp)
     os.replace(tmp, path)
     meta = {"config": config.to_dict(), **(extra or {})}
     side = sidecar_path(path)
@@ -90,19 +120,21 @@ def infer_config(state_dict, image_ids) -> LMConfig:
 
 
 def load_vlm(ckpt_path, tokenizer, device="cpu"):
-    """A MiniMindVLM from a checkpoint: config from its sidecar JSON, else inferred from tensor shapes."""
+    """A MiniMindVLM from a .safetensors/.pth checkpoint (config from its sidecar JSON, else inferred from
+    tensor shapes) or from a directory written by export_model.py."""
     from .dataset import image_token_ids
     from .model import MiniMindVLM
     sd = read_state_dict(ckpt_path)
     image_ids = image_token_ids(tokenizer)
-    side = sidecar_path(ckpt_path)
-    if side.is_file():
-        cfg = LMConfig.from_dict(json.loads(side.read_text())["config"])
-        if list(cfg.image_ids) != list(image_ids):
-            raise ValueError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
-                             f"tokenizer gives {image_ids[:1]}...: use the tokenizer it was trained with")
-    else:
+    if Path(ckpt_path).is_dir():  # export_model.py's directory: LMConfig inside config.json
+        cfg = LMConfig.from_dict(json.loads((Path(ckpt_path) / "config.json").read_text())["lm_config"])
+    elif sidecar_path(ckpt_path).is_file():
+        cfg = LMConfig.from_dict(json.loads(sidecar_path(ckpt_path).read_text())["config"])
+    else:  # upstream's files have no sidecar
         cfg = infer_config(sd, image_ids)
+    if list(cfg.image_ids) != list(image_ids):
+        raise ValueError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
+                         f"tokenizer gives {image_ids[:1]}...: use the tokenizer it was trained with")
     model = MiniMindVLM(cfg)
     load_strict(model, sd, where=str(ckpt_path))
     return model.eval().to(device), cfg

@@ -235,15 +235,19 @@ class LengthGroupedBatchSampler(Sampler):
     as `accumulation` micro-batches; a last, smaller global batch comes at the end. Every sample is visited
     once per epoch (under DDP the permutation is first padded with repeats to a multiple of num_replicas, as
     DistributedSampler does). So a 2-rank run, or a run with 2 accumulation steps, sees the same global
-    batches as 1 rank with twice the batch (exactly so when the dataset size is a multiple of the ranks). group=1 gives plain shuffled batches."""
+    batches as 1 rank with twice the batch (exactly so when the dataset size is a multiple of the ranks).
+    group=1 gives plain shuffled batches."""
 
     def __init__(self, lengths, batch_size, num_replicas=1, rank=0, seed=0, group=64, accumulation=1):
         self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, max(1, group)
         self.num_replicas, self.rank, self.accumulation, self.epoch = num_replicas, rank, accumulation, 0
         self.total = math.ceil(len(self.lengths) / num_replicas) * num_replicas
+        self.start = 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        """Iterate epoch `epoch`'s batches, skipping its first `start` micro-batches (a resumed run). len()
+        stays the whole epoch's."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         size = self.batch_size * self.accumulation * self.num_replicas
@@ -264,10 +268,13 @@ class LengthGroupedBatchSampler(Sampler):
         return [full[i] for i in torch.randperm(len(full), generator=g).tolist()] + short
 
     def __iter__(self):
+        n = 0
         for batch in self.global_batches():
             share = batch[self.rank::self.num_replicas]
             for j in range(0, len(share), self.batch_size):
-                yield share[j:j + self.batch_size]
+                if n >= self.start:
+                    yield share[j:j + self.batch_size]
+                n += 1
 
 
 class ImageFileDataset(Dataset):

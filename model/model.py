@@ -238,14 +238,22 @@ class MiniMindVLM(nn.Module):
         self.tok_embeddings.weight = self.output.weight  # tied: one matrix reads and writes tokens
         self.vision_proj = VisionProj(cfg.vision_dim, cfg.dim)
         # Buffers are derived, never saved: a state dict holds parameters only.
-        cos, sin = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.register_buffer("image_ids", torch.tensor(cfg.image_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
+        self.register_buffer("image_ids", None, persistent=False)
+        self.init_buffers()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style: shrink the residual projections with depth
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def init_buffers(self, device=None):
+        """(Re)compute the RoPE tables and placeholder ids from the config (also after a loader that
+        creates the model on the 'meta' device, as transformers' from_pretrained does)."""
+        cfg = self.params
+        cos, sin = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        self.image_ids = torch.tensor(cfg.image_ids, dtype=torch.long, device=device)
 
     @staticmethod
     def _init_weights(module):

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .chat import IncrementalDecoder, build_prompt
-from .checkpoint import load_vlm
+from .chat import build_prompt, text_pieces
+from .checkpoint import load_vlm, resolve_checkpoint
 from .dataset import DEFAULT_TOKENIZER, load_tokenizer
 from .LMConfig import IMAGE_MARKER
 from .vision_utils import (DEFAULT_VISION_MODEL, autocast_dtype, encode_images, load_vision_model,
@@ -86,24 +86,20 @@ class Generation:
         feats = None if self.image_features is None else [self.image_features.to(e.device)]
         steps = e.model.stream_generate(ids, feats, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
                                         generator=generator, **self.sampling)
-        decoder = IncrementalDecoder(e.tokenizer)
         self.finish_reason = "length"
-        while True:
-            with e.lock:  # one forward pass at a time; other requests' steps interleave between ours
-                token = next(steps, None)
-            if token is None:
-                break
-            token = int(token[0])
-            if token == eos:
-                self.finish_reason = "stop"
-                break
-            self.completion_tokens += 1
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        rest = decoder.flush()
-        if rest:
-            yield rest
+
+        def tokens():
+            while True:
+                with e.lock:  # one forward pass at a time; other requests' steps interleave between ours
+                    token = next(steps, None)
+                if token is None:
+                    return
+                if int(token[0]) == eos:
+                    self.finish_reason = "stop"
+                    return
+                self.completion_tokens += 1
+                yield int(token[0])
+        yield from text_pieces(tokens(), e.tokenizer)
 
     def text(self) -> str:
         return "".join(self)
@@ -116,6 +112,7 @@ class ChatEngine:
                  dtype="auto"):
         self.device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_tokenizer(tokenizer)
+        ckpt = resolve_checkpoint(ckpt)
         self.model, self.cfg = load_vlm(ckpt, self.tokenizer, self.device)
         self.vision = load_vision_model(vision_model, self.device)
         self.autocast = autocast_dtype(self.device.type, dtype)
@@ -170,7 +167,8 @@ class ChatEngine:
 def add_serving_args(parser, default_port: int):
     """The loading and binding flags both servers take."""
     a = parser.add_argument
-    a("--ckpt", default="out/512_vlm_sft.pth", help="MiniMind-V checkpoint (.pth with its .json sidecar)")
+    a("--ckpt", default="out/512_vlm_sft", help="MiniMind-V checkpoint: .safetensors or .pth (with its .json "
+                                                  "sidecar, if any); without a suffix, either")
     a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory")
     a("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory (the one the checkpoint was trained with)")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="where the model runs")

@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 import os
+import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_strict, read_state_dict, save_checkpoint
+from .checkpoint import load_strict, read_state_dict, resolve_checkpoint, save_checkpoint, sidecar_path
 from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
                       collate_images, image_cache_key, image_token_ids, load_tokenizer)
 from .feature_cache import FeatureCache
@@ -34,7 +36,7 @@ class Recipe:
     description: str
     data_path: str
     images_dir: str
-    init_suffix: str  # start from out/{dim}[_moe]{init_suffix}.pth
+    init_suffix: str  # start from out/{dim}[_moe]{init_suffix}(.safetensors|.pth)
     init_help: str  # where to get that file
     allow_missing: tuple  # parameter prefixes the starting file may lack
     epochs: int
@@ -74,9 +76,15 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers")
     a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory (Hugging Face layout)")
     a("--tokenizer", default=DEFAULT_TOKENIZER)
-    a("--init_from", default="auto", help=f"starting weights: auto = {{out_dir}}/{{dim}}[_moe]{r.init_suffix}.pth, "
-                                           "a path, or 'none' for random init")
+    a("--init_from", default="auto", help=f"starting weights: auto = {{out_dir}}/{{dim}}[_moe]{r.init_suffix} "
+                                           "(.safetensors or .pth), a path, or 'none' for random init")
     a("--seed", type=int, default=1337)
+    a("--save_format", choices=["safetensors", "pth"], default="safetensors",
+      help="weights file format: safetensors, or pth (upstream-style torch.save state dict)")
+    a("--keep_last", type=int, default=0, help="also keep the last N step-numbered checkpoints "
+                                                "({name}_step{N}) besides the latest (0: only the latest)")
+    a("--resume", action="store_true", help="continue the interrupted run in --out_dir exactly where it stopped "
+                                            "(model, optimizer, LR schedule, data position, RNGs, wandb run)")
     a("--compile", action="store_true", help="torch.compile the model (first steps are slow while it compiles)")
     a("--length_group", type=int, default=64, help="batches formed together from samples sorted by length, so "
                                                    "padding is small (1: plain shuffled batches)")
@@ -181,10 +189,12 @@ def train(recipe: Recipe, argv=None):
                    image_ids=image_token_ids(tokenizer))
     model = MiniMindVLM(cfg)
     moe = "_moe" if args.use_moe else ""
-    init = f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}.pth" if args.init_from == "auto" else args.init_from
+    init = f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}" if args.init_from == "auto" else args.init_from
     if init != "none":
-        if not os.path.isfile(init):
-            raise SystemExit(f"starting weights {init} not found. {recipe.init_help}\n"
+        init = resolve_checkpoint(init)
+        if not os.path.exists(init):
+            shown = init if Path(init).suffix else f"{init}.safetensors or {init}.pth"
+            raise SystemExit(f"starting weights {shown} not found. {recipe.init_help}\n"
                              "Or pass --init_from none to start from random weights.")
         load_strict(model, read_state_dict(init), allow_missing=recipe.allow_missing, where=init)
     model.to(device)
@@ -203,7 +213,7 @@ def train(recipe: Recipe, argv=None):
     sampler = LengthGroupedBatchSampler(lengths, args.batch_size, world, rank, args.seed, args.length_group,
                                         args.accumulation_steps)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=VLMCollator(pad_id=tokenizer.pad_token_id or 0),
+                        collate_fn=VLMCollator(pad_id=tokenizer.pad_token_id or 0), worker_init_fn=_ignore_sigint,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     steps_per_epoch = max(1, len(loader) // args.accumulation_steps)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
@@ -220,11 +230,19 @@ def train(recipe: Recipe, argv=None):
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
     name = f"{args.dim}{moe}_vlm_{recipe.stage}"
-    out_path = Path(args.out_dir) / f"{name}.pth"
+    out_path = Path(args.out_dir) / f"{name}.{args.save_format}"
+    resume_path = Path(args.out_dir) / f"{name}_resume.pt"
+    layout = {"world": world, "batch_size": args.batch_size, "accumulation": args.accumulation_steps}
+    step, start_epoch, start_micro, wandb_id = 0, 0, 0, None
+    if args.resume:
+        step, start_epoch, start_micro, wandb_id = load_resume_state(
+            resume_path, raw_model, optimizer, scaler, layout, steps_per_epoch, master)
     wandb = None
     if args.use_wandb and master:
         import wandb
-        wandb.init(project=args.wandb_project, name=name, config=vars(args))
+        wandb.init(project=args.wandb_project, name=name, config=vars(args), dir=args.out_dir,
+                   id=wandb_id, resume="allow")
+        wandb_id = wandb.run.id
     if master:
         print(f"{recipe.stage}: {raw_model.num_parameters() / 1e6:.3f}M parameters (dim {cfg.dim}, {cfg.n_layers} "
               f"layers{', MoE' if cfg.use_moe else ''}), {len(dataset)} samples, {world} process(es) x batch "
@@ -232,16 +250,31 @@ def train(recipe: Recipe, argv=None):
               f"autocast {amp_dtype or 'off (fp32)'}, start {init}")
 
     log_path = out_path.with_name(name + "_log.jsonl")
+    log = []
     if master:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
-    log, step, t0, tokens = [], 0, time.time(), 0
+        if args.resume and log_path.is_file():  # keep the curve up to the resumed step; later steps are redone
+            log = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= step]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+    t0, tokens = time.time(), 0
     loss_sum = torch.zeros((), device=device)
+    stop = StopRequest()
+    test_signal = os.environ.get("MINIMIND_TEST_SIGNAL")  # "KILL:3": the tests' way to die after step 3
     model.train()
-    progress = tqdm(total=total_steps, desc=recipe.stage, disable=not master, unit="step")
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        for micro, batch in enumerate(loader):
+    progress = tqdm(total=total_steps, initial=step, desc=recipe.stage, disable=not master, unit="step")
+
+    def save_all():  # weights + sidecar + curve, and everything --resume needs
+        _save(raw_model, out_path, cfg, recipe, args, step, log)
+        save_resume_state(resume_path, raw_model, optimizer, scaler, step, epoch, step_in_epoch, layout, wandb_id)
+
+    epoch, step_in_epoch = start_epoch, 0
+    for epoch in range(start_epoch, epochs):
+        if step >= total_steps:  # a resumed run that had already finished
+            break
+        skip = start_micro if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, start=skip)
+        step_in_epoch = skip // args.accumulation_steps
+        for micro, batch in enumerate(loader, start=skip):
             if micro >= steps_per_epoch * args.accumulation_steps:
                 break  # a last, incomplete accumulation group would leak its gradients into the next epoch
             last_micro = (micro + 1) % args.accumulation_steps == 0
@@ -266,6 +299,7 @@ def train(recipe: Recipe, argv=None):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            step_in_epoch += 1
             progress.update(1)
             if step % args.log_interval == 0 or step == total_steps:
                 if ddp:  # log the mean over ranks, i.e. the loss of the global batch
@@ -285,7 +319,20 @@ def train(recipe: Recipe, argv=None):
                     if wandb:
                         wandb.log(rec, step=step)
             if master and step % args.save_interval == 0:
-                _save(raw_model, out_path, cfg, recipe, args, step, log)
+                save_all()
+                if args.keep_last > 0:
+                    keep_step_checkpoint(out_path, step, args.keep_last)
+            if test_signal and int(test_signal.split(":")[1]) == step and master:
+                os.kill(os.getpid(), getattr(signal, "SIG" + test_signal.split(":")[0]))
+            if stop.agreed(ddp, device):  # SIGINT / SIGTERM: save at this step boundary, then exit
+                if master:
+                    save_all()
+                    print(f"\nstopped by {stop.name} after step {step}: saved {out_path} and {resume_path}; "
+                          f"continue with the same command plus --resume", flush=True)
+                if ddp:
+                    dist.barrier()
+                    dist.destroy_process_group()
+                raise SystemExit(128 + stop.signum)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -295,7 +342,8 @@ def train(recipe: Recipe, argv=None):
         from torch._dynamo.utils import counters
         print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled")
     if master:
-        _save(raw_model, out_path, cfg, recipe, args, step, log)
+        step_in_epoch = 0
+        save_all()
         print(f"saved {out_path} after {step} steps in {time.time() - t0:.0f}s; final loss "
               f"{log[-1]['loss']:.4f}; loss curve {out_path.with_name(name + '_loss.png')}")
         if wandb:
@@ -304,6 +352,110 @@ def train(recipe: Recipe, argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return out_path
+
+
+def _ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the main process, which saves at the next step and stops them;
+    a worker that died of it would otherwise break the batch the save waits for."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves and exits at the next optimizer step, on every rank at once."""
+
+    def __init__(self):
+        self.signum, self.name = 0, ""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+    def agreed(self, ddp, device) -> bool:
+        if not ddp:
+            return self.signum != 0
+        flag = torch.tensor([self.signum], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a tiny sync per step, so every rank stops together
+        if flag.item() and not self.signum:
+            self.signum, self.name = int(flag.item()), signal.Signals(int(flag.item())).name
+        return bool(flag.item())
+
+
+def rng_state():
+    import numpy as np
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    import numpy as np
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume_state(path, model, optimizer, scaler, step, epoch, step_in_epoch, layout, wandb_id):
+    """Everything an exact continuation needs, as tensors and plain values (loadable with weights_only=True),
+    written atomically. Saved at optimizer-step boundaries, so the accumulation phase is always 0."""
+    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
+             "step_in_epoch": step_in_epoch, "layout": layout, "rng": rng_state(), "wandb_id": wandb_id}
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_state(path, model, optimizer, scaler, layout, steps_per_epoch, master):
+    """Restore a run saved by save_resume_state; returns (step, epoch, micro-batches to skip, wandb id).
+    With another layout (ranks x batch x accumulation) the position in the epoch is mapped by samples seen."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} does not exist (a run saves it every --save_interval steps and when "
+                         "stopped by Ctrl-C or SIGTERM); run without --resume to start over")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"--resume: cannot read {path}: {type(e).__name__}: {e}") from None
+    load_strict(model, state["model"], where=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+    old = state["layout"]
+    if old != layout:
+        global_old = old["world"] * old["batch_size"] * old["accumulation"]
+        global_new = layout["world"] * layout["batch_size"] * layout["accumulation"]
+        samples = in_epoch * global_old
+        in_epoch_new = samples // global_new
+        if master:
+            print(f"resume: the layout changed from {old} to {layout}. The position in epoch {epoch}, "
+                  f"{samples} samples (step {in_epoch} of {global_old}), maps to step {in_epoch_new} of "
+                  f"{global_new}; this epoch's order is re-derived for the new layout, so up to one global batch "
+                  "of it may repeat or be skipped. The result is not bit-identical to an uninterrupted run.")
+        in_epoch = in_epoch_new
+    if in_epoch >= steps_per_epoch:
+        epoch, in_epoch = epoch + 1, 0
+    if master:
+        print(f"resumed from {path}: step {step}, epoch {epoch}, step {in_epoch} of the epoch")
+    return step, epoch, in_epoch * layout["accumulation"], state.get("wandb_id")
+
+
+def keep_step_checkpoint(latest, step, keep_last):
+    """Copy the latest checkpoint (and sidecar) to {name}_step{step} and delete all but the newest keep_last."""
+    import shutil
+    stem = latest.with_suffix("")
+    copy = stem.with_name(f"{stem.name}_step{step:08d}{latest.suffix}")
+    for src, dst in ((latest, copy), (sidecar_path(latest), sidecar_path(copy))):
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    steps = sorted(latest.parent.glob(f"{stem.name}_step*{latest.suffix}"))
+    for old in steps[:-keep_last]:
+        old.unlink()
+        sidecar_path(old).unlink(missing_ok=True)
 
 
 def _save(model, path, cfg, recipe, args, step, log):

@@ -26,7 +26,6 @@ caption; COCO instruct: 1-3 turns with 20-150 word answers); the images are the 
 """
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import random
@@ -439,7 +438,8 @@ def main(argv=None):
     # The frozen encoder
     tower = load_vision_model(tower_dir, device)
     res["encoder"] = {
-        "fp32_batch32_images_per_s": encoder_speed(tower, device, None, 8 if args.quick else 32, 1 if args.quick else 3),
+        "fp32_batch32_images_per_s": encoder_speed(tower, device, None, 8 if args.quick else 32,
+                                                   1 if args.quick else 3),
         "fp32_batch1_images_per_s": encoder_speed(tower, device, None, 1, 4 if args.quick else 16),
         "bf16_batch4_images_per_s": encoder_speed(tower, device, torch.bfloat16, 2 if args.quick else 4, 1)}
     del tower

@@ -80,7 +80,7 @@ def main():
     times["stage 2: SFT"] = time.time() - t
 
     t = time.time()
-    ckpt = f"{out}/{args.dim}_vlm_sft.pth"
+    ckpt = f"{out}/{args.dim}_vlm_sft.safetensors"
     results = {}
     for task in ("color", "shape"):
         for control in ("none", "blank"):

@@ -41,7 +41,7 @@ def build(root, tower, root_dir, env):
            "--dtype", "float32", "--device", "cpu", "--log_interval", "10"]
     p = subprocess.run(cmd, cwd=root_dir, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"training the served model failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
-    return os.path.join(out, "64_vlm_sft.pth"), images
+    return os.path.join(out, "64_vlm_sft.safetensors"), images
 
 
 def free_port():

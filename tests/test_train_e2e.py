@@ -44,7 +44,7 @@ def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
         "--batch_size", 8, "--epochs", 3, "--learning_rate", 3e-3, *common(demo_data, random_tower, out))
     pre = losses(out, "64_vlm_pretrain")
     assert len(pre) == 18 and sum(pre[-3:]) / 3 < 0.85 * sum(pre[:3]) / 3, pre
-    for f in ("64_vlm_pretrain.pth", "64_vlm_pretrain.json", "64_vlm_pretrain_loss.png"):
+    for f in ("64_vlm_pretrain.safetensors", "64_vlm_pretrain.json", "64_vlm_pretrain_loss.png"):
         assert (out / f).stat().st_size > 0
     meta = json.load(open(out / "64_vlm_pretrain.json"))
     assert meta["config"]["dim"] == 64 and meta["step"] == 18
@@ -52,12 +52,12 @@ def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
     # stage 2 starts from stage 1's file by default (--init_from auto)
     p = run(sys.executable, "2-sft_vlm.py", "--data_path", demo_data / "sft.jsonl", "--batch_size", 8,
             "--max_steps", 6, "--learning_rate", 1e-3, *common(demo_data, random_tower, out))
-    assert "64_vlm_pretrain.pth" in p.stdout
+    assert "64_vlm_pretrain.safetensors" in p.stdout
     sft = losses(out, "64_vlm_sft")
     assert len(sft) == 6 and sft[-1] < sft[0]
 
     for control in ("none", "blank"):
-        p = run(sys.executable, "3-eval_chat.py", "--ckpt", out / "64_vlm_sft.pth", "--vision_model", random_tower,
+        p = run(sys.executable, "3-eval_chat.py", "--ckpt", out / "64_vlm_sft.safetensors", "--vision_model", random_tower,
                 "--data_path", demo_data / "eval_color.jsonl", "--images_dir", demo_data / "images",
                 "--out", tmp_path / f"preds_{control}.jsonl", "--max_new_tokens", 4, "--control", control,
                 "--feature_cache", out / "feature_cache", "--device", "cpu")
@@ -67,7 +67,7 @@ def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
         assert len(preds) == 8 and all("prediction" in r for r in preds)
 
     # gallery mode streams one answer per image; interactive mode reads questions from stdin
-    chat = [sys.executable, "3-eval_chat.py", "--ckpt", out / "64_vlm_sft.pth", "--vision_model", random_tower,
+    chat = [sys.executable, "3-eval_chat.py", "--ckpt", out / "64_vlm_sft.safetensors", "--vision_model", random_tower,
             "--image_dir", demo_data / "eval_images", "--max_new_tokens", 3, "--device", "cpu"]
     p = run(*chat)
     assert p.stdout.count("[0") == 8 and p.stdout.count("🤖") == 8
@@ -118,8 +118,9 @@ def tiny_run_args(tmp_path, tower):
 
 
 def assert_same_weights(dir_a, dir_b):
-    a = torch.load(dir_a / "64_vlm_pretrain.pth", weights_only=True)
-    b = torch.load(dir_b / "64_vlm_pretrain.pth", weights_only=True)
+    from model.checkpoint import read_state_dict, resolve_checkpoint
+    a = read_state_dict(resolve_checkpoint(dir_a / "64_vlm_pretrain"))
+    b = read_state_dict(resolve_checkpoint(dir_b / "64_vlm_pretrain"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-5), k
 

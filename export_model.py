@@ -1,0 +1,93 @@
+"""Export a MiniMind-V checkpoint as a Hugging Face model directory that loads with the Auto classes.
+
+  python export_model.py --ckpt out/512_vlm_sft --out export/minimind-v-512
+  python export_model.py --ckpt out/512_vlm_sft.pth --out export/minimind-v-512 --copy_vision
+
+The directory holds config.json, model.safetensors, the tokenizer files, the modeling code (registered for
+AutoConfig / AutoModelForCausalLM through config.json's auto_map) and the CLIP tower: a copy (--copy_vision)
+or its path. Use it like this:
+
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  from PIL import Image
+  model = AutoModelForCausalLM.from_pretrained("export/minimind-v-512", trust_remote_code=True)
+  tokenizer = AutoTokenizer.from_pretrained("export/minimind-v-512")
+  print(model.chat(tokenizer, Image.open("cat.jpg"), "What is in the image?"))
+  # or model.generate(input_ids, images=[Image.open("cat.jpg")], max_new_tokens=64) with the placeholder in input_ids
+
+Every script that takes --ckpt (training's --init_from too) also takes such a directory.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from model.checkpoint import load_vlm, resolve_checkpoint
+from model.dataset import DEFAULT_TOKENIZER, load_tokenizer
+from model.vision_utils import DEFAULT_VISION_MODEL
+
+CODE_FILES = ("modeling_minimind_v.py", "model.py", "LMConfig.py", "vision_utils.py")
+
+
+def parse_args(argv=None):
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    p.add_argument("--ckpt", default="out/512_vlm_sft", help="checkpoint to export (.safetensors, .pth, or a stem)")
+    p.add_argument("--out", required=True, help="directory to write (created; existing files are replaced)")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="the tokenizer the checkpoint was trained with")
+    p.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="CLIP ViT-B/32 directory the model uses")
+    p.add_argument("--copy_vision", action="store_true", help="copy the CLIP tower into the export (else: its path)")
+    return p.parse_args(argv)
+
+
+def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISION_MODEL, copy_vision=False):
+    from safetensors.torch import save_file
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ckpt = resolve_checkpoint(ckpt)
+    model, cfg = load_vlm(ckpt, tokenizer)
+    if not os.path.isdir(vision_model):
+        raise SystemExit(f"CLIP directory {vision_model} does not exist (pass --vision_model)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).resolve().parent / "model"
+    for name in CODE_FILES:
+        shutil.copyfile(here / name, out / name)
+    tokenizer.save_pretrained(out)
+    if copy_vision:
+        shutil.copytree(vision_model, out / "vision", dirs_exist_ok=True)
+        vision_ref = "vision"
+    else:
+        vision_ref = str(Path(vision_model).resolve())
+    config = {
+        "model_type": "minimind_v",
+        "architectures": ["MiniMindVForCausalLM"],
+        "auto_map": {"AutoConfig": "modeling_minimind_v.MiniMindVConfig",
+                     "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM"},
+        "lm_config": cfg.to_dict(),
+        "vision_model": vision_ref,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": False, "torch_dtype": "float32",
+        "source_checkpoint": str(ckpt),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    weights = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(weights, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        out = export(args.ckpt, args.out, args.tokenizer, args.vision_model, args.copy_vision)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"exported {resolve_checkpoint(args.ckpt)} to {out}/ (AutoModelForCausalLM.from_pretrained("
+          f"'{out}', trust_remote_code=True))", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

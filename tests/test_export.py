@@ -1,0 +1,70 @@
+"""export_model.py: a directory that transformers' Auto classes load (trust_remote_code) and that answers
+with generate given an image; the repository's own scripts take the same directory."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.checkpoint import load_vlm
+from model.serving import ChatEngine
+from tests.conftest import ROOT
+from tests.served_model import COLOURS, QUESTION, colour_image
+from tests.test_train_e2e import ENV, run
+
+
+@pytest.fixture(scope="module")
+def exported(served_model, random_tower, tmp_path_factory):
+    ckpt, _ = served_model
+    out = tmp_path_factory.mktemp("export") / "minimind-v"
+    run(sys.executable, "export_model.py", "--ckpt", ckpt, "--out", out, "--vision_model", random_tower)
+    return out
+
+
+def test_auto_classes_load_the_export_exactly(exported, served_model, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    assert type(model).__name__ == "MiniMindVForCausalLM"
+    ref, _ = load_vlm(served_model[0], tokenizer)
+    ids = torch.randint(3, 6400, (2, 30))
+    assert torch.equal(model(ids).logits, ref(ids).logits)  # pth -> export -> load -> logits: exact
+    for name, rgb in COLOURS.items():  # generate given an image
+        assert model.chat(hf_tokenizer, colour_image(rgb, seed=9), QUESTION) == name
+
+
+def test_generate_with_images_matches_the_repository_model(exported, served_model, tokenizer, random_tower):
+    from transformers import AutoModelForCausalLM
+    from model.chat import build_prompt
+    model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
+    prompt = build_prompt(tokenizer, [{"role": "user", "content": f"<image>\n{QUESTION}"}])
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+    image = colour_image(COLOURS["blue"], seed=4)
+    out = model.generate(ids, images=[image], max_new_tokens=3, eos_token_id=tokenizer.eos_token_id)
+    engine = ChatEngine(served_model[0], str(random_tower), device="cpu", dtype="float32")
+    feats = engine.encode([image])
+    assert torch.equal(out, engine.model.generate(ids, [feats], max_new_tokens=3, eos_token_id=tokenizer.eos_token_id))
+
+
+def test_scripts_take_the_export_directory(exported, served_model, random_tower, tmp_path):
+    engine = ChatEngine(str(exported), str(random_tower), device="cpu", dtype="float32")  # both servers load this way
+    feats = engine.encode([colour_image(COLOURS["green"], seed=2)])
+    assert engine.generate([{"role": "user", "content": f"<image>\n{QUESTION}"}], feats, temperature=0).text() == "green"
+    _, images = served_model
+    p = run(sys.executable, "3-eval_chat.py", "--ckpt", exported, "--vision_model", random_tower, "--image_dir",
+            images, "--max_new_tokens", 3, "--device", "cpu")
+    assert p.stdout.count("🤖") == 18
+    # and training starts from it
+    import json
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": f"{c}_0.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": c}]}) + "\n" for c in COLOURS))
+    run(sys.executable, "2-sft_vlm.py", "--data_path", data, "--images_dir", images, "--vision_model", random_tower,
+        "--init_from", exported, "--dim", 64, "--n_layers", 2, "--max_steps", 1, "--batch_size", 3,
+        "--num_workers", 0, "--out_dir", tmp_path / "out", "--device", "cpu", "--max_seq_len", 128)
+
+
+def test_export_refuses_a_missing_checkpoint(tmp_path, random_tower):
+    p = subprocess.run([sys.executable, "export_model.py", "--ckpt", tmp_path / "nope", "--out", tmp_path / "x",
+                        "--vision_model", random_tower], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert p.returncode != 0 and "nope does not exist" in p.stderr and "Traceback" not in p.stderr
