@@ -70,7 +70,10 @@ def main():
     common = ["--images_dir", f"{data}/images", "--vision_model", tower, "--out_dir", out, "--dim", args.dim,
               "--n_layers", args.n_layers, "--batch_size", args.batch_size, "--learning_rate", args.learning_rate,
               "--num_workers", args.num_workers, "--log_interval", 25, "--save_interval", 100000,
-              "--max_seq_len", 160, "--seed", args.seed]
+              "--max_seq_len", 160, "--seed", args.seed,
+              # every demo sample is about as long as the others: grouping by length would save no padding,
+              # only make batches less mixed (one language or one template per batch)
+              "--length_group", 1]
     t = time.time()
     sh([py, "1-pretrain_vlm.py", "--data_path", f"{data}/pretrain.jsonl", "--init_from", "none",
         "--max_steps", args.pretrain_steps, *common])
