@@ -23,11 +23,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from model.checkpoint import load_vlm, resolve_checkpoint
+from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
 from model.dataset import DEFAULT_TOKENIZER, load_tokenizer
 from model.vision_utils import DEFAULT_VISION_MODEL
 
-CODE_FILES = ("modeling_minimind_v.py", "model.py", "LMConfig.py", "vision_utils.py")
+CODE_FILES = ("modeling_minimind_v.py", "model.py", "LMConfig.py", "vision_utils.py", "chat.py")
 
 
 def parse_args(argv=None):
@@ -43,7 +43,6 @@ def parse_args(argv=None):
 
 
 def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISION_MODEL, copy_vision=False):
-    from safetensors.torch import save_file
     tokenizer = load_tokenizer(tokenizer_dir)
     ckpt = resolve_checkpoint(ckpt)
     model, cfg = load_vlm(ckpt, tokenizer)
@@ -72,10 +71,7 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
         "source_checkpoint": str(ckpt),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    weights = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    save_weights({f"model.{k}": v for k, v in model.state_dict().items()}, out / "model.safetensors")
     return out
 
 

@@ -78,26 +78,34 @@ def sidecar_path(ckpt_path) -> Path:
     return Path(ckpt_path).with_suffix(".json")
 
 
+def atomic_write(path, write):
+    """write(tmp) to `{path}.tmp`, then rename it over path: a kill during the write leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(state_dict, path):
+    """Tensors as .safetensors or, for a .pth path, an upstream-style torch.save file, written atomically.
+    Tied tensors (the embedding/output matrix) are stored under each of their names, as upstream's files
+    have them."""
+    sd = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()}  # clone: untie
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
+        atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    else:
+        atomic_write(path, lambda tmp: torch.save(sd, tmp))
+
+
 def save_checkpoint(model, path, config: LMConfig, extra=None):
-    """State dict (upstream names) as .safetensors or, for a .pth path, an upstream-style torch.save file,
-    plus a JSON sidecar with the config. Both are written to a temporary file and renamed, so a kill during
-    a save leaves the previous files intact. The tied embedding/output matrix is stored under both names,
-    as upstream's files have it."""
+    """The model's state dict (upstream names; see save_weights) plus a JSON sidecar with the config, both
+    written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}  # clone: untie
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save(sd, tmp)
-    os.replace(tmp, path)
-    meta = {"config": config.to_dict(), **(extra or {})}
-    side = sidecar_path(path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    os.replace(tmp, side)
+    save_weights(model.state_dict(), path)
+    meta = json.dumps({"config": config.to_dict(), **(extra or {})}, indent=2, ensure_ascii=False)
+    atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(meta))
 
 
 def infer_config(state_dict, image_ids) -> LMConfig:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_strict, read_state_dict, resolve_checkpoint, save_checkpoint, sidecar_path
+from .checkpoint import (atomic_write, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint,
+                         sidecar_path)
 from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
                       collate_images, image_cache_key, image_token_ids, load_tokenizer)
 from .feature_cache import FeatureCache
@@ -404,9 +405,7 @@ def save_resume_state(path, model, optimizer, scaler, step, epoch, step_in_epoch
     state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
              "step_in_epoch": step_in_epoch, "layout": layout, "rng": rng_state(), "wandb_id": wandb_id}
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_resume_state(path, model, optimizer, scaler, layout, steps_per_epoch, master):
@@ -449,9 +448,7 @@ def keep_step_checkpoint(latest, step, keep_last):
     stem = latest.with_suffix("")
     copy = stem.with_name(f"{stem.name}_step{step:08d}{latest.suffix}")
     for src, dst in ((latest, copy), (sidecar_path(latest), sidecar_path(copy))):
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
     steps = sorted(latest.parent.glob(f"{stem.name}_step*{latest.suffix}"))
     for old in steps[:-keep_last]:
         old.unlink()
