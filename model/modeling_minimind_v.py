@@ -1,5 +1,5 @@
-"""MiniMind-V for the Hugging Face Auto classes. export_model.py copies this file, model.py, LMConfig.py and
-vision_utils.py into an exported directory, so that
+"""MiniMind-V for the Hugging Face Auto classes. export_model.py copies this file, model.py, LMConfig.py,
+vision_utils.py and chat.py into an exported directory, so that
 
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 
@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER, LMConfig
+from .chat import build_prompt
+from .LMConfig import IMAGE_MARKER, LMConfig
 from .model import MiniMindVLM
 
 
@@ -90,8 +91,7 @@ class MiniMindVForCausalLM(PreTrainedModel):
     def chat(self, tokenizer, image, question: str, **kwargs) -> str:
         """One answer about one PIL image (greedy unless temperature is given)."""
         content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content.replace(
-            IMAGE_MARKER, IMAGE_PLACEHOLDER)}], tokenize=False, add_generation_prompt=True)
+        text = build_prompt(tokenizer, [{"role": "user", "content": content}])
         device = self.model.output.weight.device
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=device)
         out = self.generate(ids, images=[image], eos_token_id=tokenizer.eos_token_id, **kwargs)[0].tolist()
