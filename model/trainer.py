@@ -259,7 +259,7 @@ def train(recipe: Recipe, argv=None):
         log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
     t0, tokens = time.time(), 0
     loss_sum = torch.zeros((), device=device)
-    stop = StopRequest()
+    stop = StopRequest(ddp)
     test_signal = os.environ.get("MINIMIND_TEST_SIGNAL")  # "KILL:3": the tests' way to die after step 3
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc=recipe.stage, disable=not master, unit="step")
@@ -325,7 +325,7 @@ def train(recipe: Recipe, argv=None):
                     keep_step_checkpoint(out_path, step, args.keep_last)
             if test_signal and int(test_signal.split(":")[1]) == step and master:
                 os.kill(os.getpid(), getattr(signal, "SIG" + test_signal.split(":")[0]))
-            if stop.agreed(ddp, device):  # SIGINT / SIGTERM: save at this step boundary, then exit
+            if stop.agreed():  # SIGINT / SIGTERM: save at this step boundary, then exit
                 if master:
                     save_all()
                     print(f"\nstopped by {stop.name} after step {step}: saved {out_path} and {resume_path}; "
@@ -364,19 +364,21 @@ def _ignore_sigint(worker_id):
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop saves and exits at the next optimizer step, on every rank at once."""
 
-    def __init__(self):
-        self.signum, self.name = 0, ""
+    def __init__(self, ddp: bool):
+        self.signum, self.name, self.ddp = 0, "", ddp
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
+        # The flag travels on a CPU (gloo) group, so checking it every step never waits for the GPU.
+        self.group = dist.new_group(backend="gloo") if ddp and dist.get_backend() != "gloo" else None
 
     def _handle(self, signum, frame):
         self.signum, self.name = signum, signal.Signals(signum).name
 
-    def agreed(self, ddp, device) -> bool:
-        if not ddp:
+    def agreed(self) -> bool:
+        if not self.ddp:
             return self.signum != 0
-        flag = torch.tensor([self.signum], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a tiny sync per step, so every rank stops together
+        flag = torch.tensor([self.signum])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank stops at the same step
         if flag.item() and not self.signum:
             self.signum, self.name = int(flag.item()), signal.Signals(int(flag.item())).name
         return bool(flag.item())
