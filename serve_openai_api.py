@@ -164,17 +164,17 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
-        if number(body, "n", 1, 1, 1, int) != 1:
-            raise ApiError(400, "n must be 1", "n")
+        if body.get("n") not in (None, 1):
+            raise ApiError(400, f"n must be 1 (one answer per request), got {body['n']!r}", "n")
         if body.get("stop"):
             raise ApiError(400, "stop sequences are not supported by this server", "stop")
         messages, images = await run_in_threadpool(parse_messages, body, limits)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         params = dict(
             temperature=number(body, "temperature", DEFAULTS["temperature"], 0, 2),
             top_p=number(body, "top_p", DEFAULTS["top_p"], 1e-6, 1),
             top_k=number(body, "top_k", 0, 0, 100000, int),  # not in OpenAI's API; vLLM and others take it
-            max_new_tokens=number({"m": max_tokens}, "m", DEFAULTS["max_tokens"], 1, engine.cfg.max_seq_len, int),
+            max_new_tokens=number(body, max_tokens, DEFAULTS["max_tokens"], 1, engine.cfg.max_seq_len, int),
             seed=number(body, "seed", None, -2 ** 63, 2 ** 63 - 1, int))
         features = await run_in_threadpool(engine.encode, images) if images else None
         try:

@@ -132,6 +132,7 @@ def test_oversized_image_is_refused(api):
         "url": "data:image/png;base64,@@@"}}]}]}, 400, "does not decode"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be between"),
     ({"messages": [{"role": "user", "content": "hi " * 9000}]}, 400, "tokens"),
 ])
 def test_bad_requests_get_a_clear_4xx(api, body, status, words):
