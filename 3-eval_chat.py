@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 import torch
 from PIL import Image
@@ -18,12 +19,14 @@ from tqdm import tqdm
 
 from model.chat import build_prompt, features_for, generate_batch, stream_text
 from model.checkpoint import load_vlm, resolve_checkpoint
-from model.dataset import (DEFAULT_TOKENIZER, ROLES, image_cache_key, load_image, load_records, load_tokenizer,
-                           record_images)
+from model.checkpoint import CheckpointError
+from model.data_check import (ROLES, DataError, Problem, RecordError, add_check_args, check_record, image_paths,
+                              read_records)
+from model.dataset import DEFAULT_TOKENIZER, image_cache_key, load_image, load_tokenizer
 from model.feature_cache import FeatureCache
 from model.LMConfig import IMAGE_MARKER
-from model.vision_utils import (DEFAULT_VISION_MODEL, autocast_dtype, load_vision_model, preprocess_image,
-                                vision_fingerprint)
+from model.vision_utils import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, load_vision_model,
+                                preprocess_image, vision_fingerprint)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
@@ -59,6 +62,10 @@ def parse_args(argv=None):
     a("--top_p", type=float, default=0.85)
     a("--repetition_penalty", type=float, default=1.0)
     a("--seed", type=int, default=0)
+    a("--on_bad_sample", choices=["error", "skip"], default="error",
+      help="batch mode: a bad record or image stops the run with a message naming it (error), or is written to "
+           "the predictions file with its error and left out of the score (skip)")
+    add_check_args(p)  # --max_image_pixels
     return p.parse_args(argv)
 
 
@@ -76,50 +83,80 @@ def to_messages(turns):
     return [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
-def run_batch(args, model, tokenizer, vision_model, dtype, device):
-    records = load_records(args.data_path)
-    if args.limit:
-        records = records[:args.limit]
+def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
+    entries, problems = read_records(args.data_path)
+    entries = entries[:args.limit] if args.limit else entries
+    good = []
+    for e in entries:
+        found = check_record(e, args.data_path)  # also: every record ends with an answer to score against
+        problems += found
+        good += [] if found else [e]
+    if problems and args.on_bad_sample == "error":
+        raise DataError(problems, f"{len(problems)} bad record(s); fix them or pass --on_bad_sample skip")
     cache = None
     if args.feature_cache and args.control == "none":
         cache = FeatureCache(args.feature_cache, vision_fingerprint(args.vision_model))
     grey = features_for(vision_model, grey_pixels()[None], dtype)[0] if args.control == "blank" else None
     out_path = args.out or os.path.splitext(args.ckpt)[0] + f"_preds{'_blank' if grey is not None else ''}.jsonl"
     n = exact = contains = 0
+
+    def skip(fout, problem):  # skip mode: the record is in the predictions file with what is wrong, unscored
+        problems.append(problem)
+        fout.write(json.dumps({"id": problem.id, "line": problem.line, "kind": problem.kind,
+                               "error": problem.message()}, ensure_ascii=False) + "\n")
+
     with open(out_path, "w", encoding="utf-8") as fout:
-        for start in tqdm(range(0, len(records), args.batch_size), desc="evaluating", unit="batch"):
-            chunk = records[start:start + args.batch_size]
-            prompts, feats, refs = [], [], []
-            for i, rec in enumerate(chunk, start):
-                turns = rec["conversations"]
-                if ROLES.get(turns[-1]["from"]) != "assistant":
-                    raise ValueError(f"{args.data_path}: record {i} does not end with an answer to score against")
-                prompts.append(build_prompt(tokenizer, to_messages(turns[:-1])))
+        for p in list(problems):
+            problems.remove(p)
+            skip(fout, p)
+        for start in tqdm(range(0, len(good), args.batch_size), desc="evaluating", unit="batch"):
+            chunk, prompts, feats, refs = [], [], [], []
+            for e in good[start:start + args.batch_size]:
+                turns = e.record["conversations"]
+                prompt = build_prompt(tokenizer, to_messages(turns[:-1]))
+                n_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+                try:
+                    if n_tokens >= max_seq_len:
+                        raise RecordError("too_long", f"the prompt is {n_tokens} tokens (50 per image); the model "
+                                                   f"reads at most {max_seq_len - 1} before answering")
+                    paths = image_paths(e.record, args.images_dir)
+                    if not paths:
+                        f = None
+                    elif grey is not None:
+                        f = grey.expand(len(paths), -1, -1)
+                    else:
+                        pixels = torch.stack([load_image(p, args.max_image_pixels) for p in paths])
+                        keys = [image_cache_key(p) for p in paths] if cache is not None else None
+                        f = features_for(vision_model, pixels, dtype, cache, keys)
+                except (BadImage, RecordError) as err:
+                    problem = Problem(err.kind, args.data_path, e.line, e.id, str(err))
+                    if args.on_bad_sample == "error":
+                        fout.flush()
+                        raise DataError([problem], f"bad record (predictions so far are in {out_path}; fix it or "
+                                                   "pass --on_bad_sample skip)") from None
+                    skip(fout, problem)
+                    continue
+                chunk.append(e)
+                prompts.append(prompt)
+                feats.append(f)
                 refs.append(turns[-1]["value"].strip())
-                paths = [os.path.join(args.images_dir, p) for p in record_images(rec)]
-                n_markers = sum(t["value"].count(IMAGE_MARKER) for t in turns)
-                if n_markers != len(paths):
-                    raise ValueError(f"{args.data_path}: record {i}: {n_markers} '<image>' but {len(paths)} image(s)")
-                if not paths:
-                    feats.append(None)
-                elif grey is not None:
-                    feats.append(grey.expand(len(paths), -1, -1))
-                else:
-                    keys = [image_cache_key(p) for p in paths] if cache is not None else None
-                    feats.append(features_for(vision_model, torch.stack([load_image(p) for p in paths]), dtype,
-                                              cache, keys))
-            answers = generate_batch(model, tokenizer, prompts, feats, device, **sampling(args, True))
-            for rec, ref, ans in zip(chunk, refs, answers):
-                e, c = ans == ref, ref.lower() in ans.lower()
-                n, exact, contains = n + 1, exact + e, contains + c
-                fout.write(json.dumps({"id": rec.get("id"), "image": rec.get("image"), "reference": ref,
-                                       "prediction": ans, "exact": e, "contains": c}, ensure_ascii=False) + "\n")
+            answers = generate_batch(model, tokenizer, prompts, feats, device, **sampling(args, True)) if chunk else []
+            for e, ref, ans in zip(chunk, refs, answers):
+                hit, has = ans == ref, ref.lower() in ans.lower()
+                n, exact, contains = n + 1, exact + hit, contains + has
+                fout.write(json.dumps({"id": e.record.get("id"), "image": e.record.get("image"), "reference": ref,
+                                       "prediction": ans, "exact": hit, "contains": has}, ensure_ascii=False) + "\n")
     print(f"predictions: {out_path}", file=sys.stderr)
-    print(json.dumps({"n": n, "exact": round(exact / n, 4), "contains": round(contains / n, 4)}))
+    if problems:
+        kinds = ", ".join(f"{k} {c}" for k, c in Counter(p.kind for p in problems).items())
+        print(f"skipped {len(problems)} bad record(s) ({kinds}); each is in the predictions file with its error",
+              file=sys.stderr)
+    print(json.dumps({"n": n, "exact": round(exact / max(n, 1), 4), "contains": round(contains / max(n, 1), 4),
+                      "skipped": len(problems)}))
 
 
-def image_features_of(path, vision_model, dtype, control):
-    pixels = grey_pixels() if control == "blank" else load_image(path)
+def image_features_of(path, vision_model, dtype, control, max_pixels):
+    pixels = grey_pixels() if control == "blank" else load_image(path, max_pixels)
     return features_for(vision_model, pixels[None], dtype)
 
 
@@ -130,7 +167,12 @@ def run_gallery(args, model, tokenizer, vision_model, dtype, device):
     prompt = args.prompt if IMAGE_MARKER in args.prompt else f"{IMAGE_MARKER}\n{args.prompt}"
     text = build_prompt(tokenizer, [{"role": "user", "content": prompt}])
     for f in files:
-        feats = image_features_of(os.path.join(args.image_dir, f), vision_model, dtype, args.control)
+        try:
+            feats = image_features_of(os.path.join(args.image_dir, f), vision_model, dtype, args.control,
+                                      args.max_image_pixels)
+        except BadImage as e:
+            print(f"[{f}] skipped: {e}\n")
+            continue
         print(f"[{f}] {prompt.replace(IMAGE_MARKER, '').strip()}\n🤖: ", end="", flush=True)
         for piece in stream_text(model, tokenizer, text, feats, device, **sampling(args, False)):
             print(piece, end="", flush=True)
@@ -146,8 +188,12 @@ def run_interactive(args, model, tokenizer, vision_model, dtype, device):
     history, feats = [], None
     while True:
         if feats is None and image:
-            feats = image_features_of(image, vision_model, dtype, args.control)
-            print(f"[image: {image}]")
+            try:
+                feats = image_features_of(image, vision_model, dtype, args.control, args.max_image_pixels)
+                print(f"[image: {image}]")
+            except BadImage as e:
+                print(f"cannot use it: {e}. /image PATH picks another; questions go without an image.")
+                image = None
         try:
             q = input("👶: ").strip()
         except EOFError:
@@ -176,6 +222,13 @@ def run_interactive(args, model, tokenizer, vision_model, dtype, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        chat(args)
+    except (DataError, CheckpointError, BadImage, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def chat(args):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     if args.ckpt is None:
@@ -189,7 +242,7 @@ def main(argv=None):
     print(f"MiniMind-V {args.ckpt}: {model.num_parameters() / 1e6:.2f}M parameters "
           f"(dim {cfg.dim}, {cfg.n_layers} layers)", file=sys.stderr)
     if args.data_path:
-        run_batch(args, model, tokenizer, vision_model, dtype, device)
+        run_batch(args, model, tokenizer, vision_model, dtype, device, cfg.max_seq_len)
     elif args.interactive:
         run_interactive(args, model, tokenizer, vision_model, dtype, device)
     else:

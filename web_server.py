@@ -81,14 +81,16 @@ def build_app(engine, args):
                           if f.lower().endswith(IMAGE_EXTS))
 
     def on_image(image):
-        """A new image (or none): encode it and start a new conversation."""
-        if isinstance(image, InputError):  # clearing the image fires this again, with None
-            return None, [], session_start(), f"⚠️ {image}"
-        if image is None:  # removed by the user, or by the line above: keep any message
-            return gr.skip(), [], session_start(), gr.skip()
+        """A new image (or none): encode it and start a new conversation. It never updates the image component
+        itself: Gradio answers any update of a component with a fresh instance of its class, which would
+        bring back Gradio's own image decoding (and its bare 'Error') for the next upload."""
+        if isinstance(image, InputError):  # the bad file stays in the component until replaced; Send refuses it
+            return [], session_start(), f"⚠️ {image}"
+        if image is None:  # removed by the user: keep any message
+            return [], session_start(), gr.skip()
         state = session_start()
         state["features"] = engine.encode([image])
-        return gr.skip(), [], state, ""
+        return [], state, ""
 
     def on_question(question, image, state, temperature, top_k, top_p, max_new_tokens):
         """Stream the answer into the chat. Yields (chatbot, state, textbox, status, send button); the button
@@ -165,7 +167,7 @@ def build_app(engine, args):
                             label="Example questions")
                 clear = gr.Button("Clear conversation", elem_id="clear")
 
-        image.change(on_image, [image], [image, chatbot, state, status])
+        image.change(on_image, [image], [chatbot, state, status])
         ask = dict(fn=on_question, inputs=[question, image, state, temperature, top_k, top_p, max_new],
                    outputs=[chatbot, state, question, status, send], concurrency_limit=args.concurrency,
                    concurrency_id="generate")

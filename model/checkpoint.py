@@ -13,6 +13,11 @@ from .LMConfig import LMConfig
 WEIGHT_SUFFIXES = (".safetensors", ".pth")
 
 
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: unreadable, not a state dict, or not this model's shapes. The
+    message names the file and what is wrong."""
+
+
 def resolve_checkpoint(path) -> str:
     """The weights file a user means: the path as given if it exists, else the same name with .safetensors
     or .pth (in that order), so `out/512_vlm_sft` and upstream's `out/512_vlm_sft.pth` both work. A missing
@@ -34,7 +39,7 @@ def read_state_dict(path) -> dict:
     if os.path.isdir(path):  # a directory written by export_model.py
         inner = os.path.join(path, "model.safetensors")
         if not os.path.isfile(inner):
-            raise FileNotFoundError(f"{path} is a directory without model.safetensors (not an export_model.py export)")
+            raise CheckpointError(f"{path} is a directory without model.safetensors (not an export_model.py export)")
         return {k[len("model."):] if k.startswith("model.") else k: v for k, v in read_state_dict(inner).items()}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -45,11 +50,12 @@ def read_state_dict(path) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, or a pickle that wants to run code
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated, damaged or not a checkpoint): "
+                              f"{type(e).__name__}: {e}") from None
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # {"model": state_dict, ...} wrappers
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
     # torch.compile and DDP wrappers prefix every key; the weights are the same.
     return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
 
@@ -70,8 +76,31 @@ def load_strict(model, state_dict, allow_missing=(), where="checkpoint"):
             lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
-        raise ValueError("\n".join(lines))
+        lines += _config_difference(model, state_dict)
+        raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict, strict=False)  # strictness checked above, with the allow-list
+
+
+def _config_difference(model, state_dict) -> list:
+    """A line saying which settings the checkpoint's shapes imply and this model differs in, if it can tell."""
+    own = getattr(model, "params", None)
+    if not isinstance(own, LMConfig):
+        return []
+    try:
+        theirs = infer_config(state_dict, own.image_ids)
+    except (KeyError, IndexError, ValueError, ZeroDivisionError):
+        return []
+    fields = ("dim", "n_layers", "n_kv_heads", "vocab_size", "hidden_dim", "use_moe")
+    diff = [f"{f}={getattr(theirs, f)} (model: {getattr(own, f)})" for f in fields if getattr(theirs, f) != getattr(own, f)]
+    return [f"  the checkpoint was made with {', '.join(diff)}"] if diff else []
+
+
+def read_config(path, key) -> dict:
+    """A JSON file's config dict, or CheckpointError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))[key]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from None
 
 
 def sidecar_path(ckpt_path) -> Path:
@@ -127,6 +156,13 @@ def infer_config(state_dict, image_ids) -> LMConfig:
     return LMConfig(**kw)
 
 
+def _config(path, key) -> LMConfig:
+    try:
+        return LMConfig.from_dict(read_config(path, key))
+    except (TypeError, ValueError) as e:  # unknown fields or impossible values
+        raise CheckpointError(f"the model config in {path} is not valid: {e}") from None
+
+
 def load_vlm(ckpt_path, tokenizer, device="cpu"):
     """A MiniMindVLM from a .safetensors/.pth checkpoint (config from its sidecar JSON, else inferred from
     tensor shapes) or from a directory written by export_model.py."""
@@ -135,13 +171,17 @@ def load_vlm(ckpt_path, tokenizer, device="cpu"):
     sd = read_state_dict(ckpt_path)
     image_ids = image_token_ids(tokenizer)
     if Path(ckpt_path).is_dir():  # export_model.py's directory: LMConfig inside config.json
-        cfg = LMConfig.from_dict(json.loads((Path(ckpt_path) / "config.json").read_text())["lm_config"])
+        cfg = _config(Path(ckpt_path) / "config.json", "lm_config")
     elif sidecar_path(ckpt_path).is_file():
-        cfg = LMConfig.from_dict(json.loads(sidecar_path(ckpt_path).read_text())["config"])
+        cfg = _config(sidecar_path(ckpt_path), "config")
     else:  # upstream's files have no sidecar
-        cfg = infer_config(sd, image_ids)
+        try:
+            cfg = infer_config(sd, image_ids)
+        except (KeyError, IndexError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{ckpt_path} has no sidecar JSON and its tensors are not a MiniMind-V model's "
+                                  f"(no {e})") from None
     if list(cfg.image_ids) != list(image_ids):
-        raise ValueError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
+        raise CheckpointError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
                          f"tokenizer gives {image_ids[:1]}...: use the tokenizer it was trained with")
     model = MiniMindVLM(cfg)
     load_strict(model, sd, where=str(ckpt_path))

@@ -7,21 +7,19 @@ Each `<image>` in the text becomes the 50-token placeholder whose embeddings the
 projected CLIP tokens of the corresponding image. Loss is on every assistant answer and its closing `</s>`.
 Images are decoded here, inside DataLoader workers; the frozen encoder runs in the training process.
 """
-import json
 import math
 import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from .data_check import ROLES, DataError, Problem, RecordError, check_record, image_paths, read_records
 from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
-from .vision_utils import preprocess_image
+from .vision_utils import MAX_IMAGE_PIXELS, BadImage, preprocess_image, read_image
 
 IGNORE_INDEX = -100
 DEFAULT_TOKENIZER = "model/minimind_tokenizer"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 def load_tokenizer(path: str = DEFAULT_TOKENIZER):
@@ -41,42 +39,16 @@ def image_token_ids(tokenizer) -> list:
     return ids
 
 
-def load_records(data_path: str):
-    """A JSON list or a JSON-lines file of records. Errors name the file and the line."""
-    path = Path(data_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset file {data_path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{data_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{data_path}:{lineno}: invalid JSON: {e.msg}") from None
-    if not records:
-        raise ValueError(f"{data_path}: no records")
-    for i, rec in enumerate(records):
-        where = f"{data_path}: record {i} (id {rec.get('id', '?') if isinstance(rec, dict) else '?'})"
-        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
-            raise ValueError(f"{where}: needs a non-empty 'conversations' list")
-        for turn in rec["conversations"]:
-            if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-                raise ValueError(f"{where}: each turn needs 'from' in {sorted(ROLES)} and a string 'value', got {turn!r}")
-    return records
-
-
-def record_images(rec) -> list:
-    img = rec.get("image")
-    if img is None:
-        return []
-    return [img] if isinstance(img, str) else list(img)
+def load_records(data_path: str) -> list:
+    """Every record of a JSON list or JSON-lines file, or DataError listing each bad one (file:line, id, what)."""
+    entries, problems = read_records(data_path)
+    for e in entries:
+        problems += check_record(e, str(data_path))
+    if problems:
+        raise DataError(sorted(problems, key=lambda p: p.line or 0), f"{data_path}: {len(problems)} bad record(s)")
+    if not entries:
+        raise DataError([], f"{data_path}: no records")
+    return [e.record for e in entries]
 
 
 def conversation_to_messages(rec):
@@ -84,48 +56,97 @@ def conversation_to_messages(rec):
             for t in rec["conversations"]]
 
 
-def tokenize_conversation(tokenizer, messages, max_seq_len: int, where: str = "record"):
-    """Token ids and labels for a chat rendered as
-        [<s>system\\n{system}</s>\\n] <s>user\\n{q}</s>\\n<s>assistant\\n{a}</s>\\n ...
-    (the tokenizer's chat template). Labels copy the ids of each answer and its </s>, -100 elsewhere.
-    Whole turns that do not fit in max_seq_len are dropped; an over-long first answer is cut; a first prompt
-    that does not fit (it holds the image placeholder, which must never be cut) is an error."""
-    ids, labels = [], []
-    system = ""
-    turns, pending = [], None
+def split_turns(messages):
+    """(system text, [(question, answer), ...]) of a chat, or RecordError('role_order')."""
+    system, turns, pending = "", [], None
     for m in messages:
         if m["role"] == "system":
             system += f"<s>system\n{m['content']}</s>\n"
         elif m["role"] == "user":
             if pending is not None:
-                raise ValueError(f"{where}: two user turns in a row")
+                raise RecordError("role_order", "two user turns in a row")
             pending = m["content"]
         else:
             if pending is None:
-                raise ValueError(f"{where}: an assistant turn without a user turn before it")
+                raise RecordError("role_order", "an assistant turn without a user turn before it")
             turns.append((pending, m["content"]))
             pending = None
     if not turns:
-        raise ValueError(f"{where}: no (user, assistant) pair")
+        raise RecordError("role_order", "no (user, assistant) pair")
+    return system, turns
 
-    def enc(text):
-        return tokenizer(text, add_special_tokens=False).input_ids
 
+def turn_texts(system, turns) -> list:
+    """The chat as the tokenizer's template renders it, in pieces: [prompt 0, reply 0, prompt 1, reply 1, ...]
+    where prompt k = [<s>system\n..</s>\n] <s>user\n{q}</s>\n<s>assistant\n and reply k = {a}</s>."""
+    texts = []
     for k, (question, answer) in enumerate(turns):
-        prompt = enc((system if k == 0 else "") + f"<s>user\n{question}</s>\n<s>assistant\n")
-        reply = enc(f"{answer}</s>")
-        newline = enc("\n")
+        texts += [(system if k == 0 else "") + f"<s>user\n{question}</s>\n<s>assistant\n", f"{answer}</s>"]
+    return texts
+
+
+def assemble(pieces, newline, max_seq_len):
+    """Token ids and labels from tokenized turn_texts pieces: (ids, labels, turns kept, first answer cut).
+    Labels copy the ids of each answer and its </s>, -100 elsewhere. Whole turns that do not fit in
+    max_seq_len are left out; an over-long first answer is cut; a first prompt that does not fit (it holds
+    the image placeholder, which must never be cut) raises RecordError('too_long')."""
+    ids, labels = [], []
+    for k in range(len(pieces) // 2):
+        prompt, reply, nl = pieces[2 * k], pieces[2 * k + 1], newline
         room = max_seq_len - len(ids)
-        if len(prompt) + len(reply) + len(newline) > room:
+        if len(prompt) + len(reply) + len(nl) > room:
             if k > 0:
-                break  # drop this and later turns
+                return ids, labels, k, False  # this and later turns are left out
             if len(prompt) >= room:
-                raise ValueError(f"{where}: the first prompt is {len(prompt)} tokens (with 50 per image), "
-                                 f"max_seq_len is {max_seq_len}")
-            reply, newline = reply[:room - len(prompt)], []
-        ids += prompt + reply + newline
-        labels += [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX] * len(newline)
+                raise RecordError("too_long", f"the first prompt is {len(prompt)} tokens (with 50 per image), "
+                                              f"max_seq_len is {max_seq_len}")
+            ids, labels = prompt + reply[:room - len(prompt)], [IGNORE_INDEX] * len(prompt) + reply[:room - len(prompt)]
+            return ids, labels, 1, True
+        ids += prompt + reply + nl
+        labels += [IGNORE_INDEX] * len(prompt) + reply + [IGNORE_INDEX] * len(nl)
+    return ids, labels, len(pieces) // 2, False
+
+
+def tokenize_conversation(tokenizer, messages, max_seq_len: int, where: str = "record"):
+    """Token ids and labels of a chat (see turn_texts and assemble). Errors (RecordError) start with `where`."""
+    try:
+        system, turns = split_turns(messages)
+        pieces = tokenizer(turn_texts(system, turns), add_special_tokens=False).input_ids
+        ids, labels, _, _ = assemble(pieces, tokenizer("\n", add_special_tokens=False).input_ids, max_seq_len)
+    except RecordError as e:
+        raise RecordError(e.kind, f"{where}: {e}") from None
     return ids, labels
+
+
+def conversation_lengths(tokenizer, records, max_seq_len, progress=False, chunk=2048):
+    """Exactly what training will make of each record, without images: (tokens, turns kept, turns, status)
+    with status 'ok', 'truncated' (later turns left out), 'answer_cut' (the first answer cut to fit) or
+    'too_long' (the first prompt does not fit: tokens is its length). Text is tokenized in large batches: one pass, fast."""
+    from tqdm import tqdm
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    out = []
+    for start in tqdm(range(0, len(records), chunk), desc="measuring token lengths", disable=not progress,
+                      unit="chunk"):
+        splits = [split_turns(conversation_to_messages(r)) for r in records[start:start + chunk]]
+        texts = [turn_texts(system, turns) for system, turns in splits]
+        flat = tokenizer([t for ts in texts for t in ts], add_special_tokens=False).input_ids
+        i = 0
+        for ts in texts:
+            pieces, i = flat[i:i + len(ts)], i + len(ts)
+            try:
+                ids, _, kept, cut = assemble(pieces, newline, max_seq_len)
+                status = "answer_cut" if cut else "truncated" if kept < len(ts) // 2 else "ok"
+                out.append((len(ids), kept, len(ts) // 2, status))
+            except RecordError:
+                out.append((len(pieces[0]), 0, len(ts) // 2, "too_long"))
+    return out
+
+
+def truncation_detail(kept, total, status, max_seq_len) -> str:
+    if status == "answer_cut":
+        return f"the first answer is cut to fit in max_seq_len {max_seq_len}" + (
+            f"; the other {total - 1} turn(s) are left out" if total > 1 else "")
+    return f"{kept} of {total} turn(s) fit in max_seq_len {max_seq_len}; the rest are left out"
 
 
 def image_cache_key(path: str) -> str:
@@ -135,78 +156,113 @@ def image_cache_key(path: str) -> str:
     return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
 
-def load_image(path: str) -> torch.Tensor:
-    try:
-        with Image.open(path) as im:
-            return preprocess_image(im)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
-    except OSError as e:
-        raise ValueError(f"image {path} cannot be read: {e}") from None
+def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """(3, 224, 224) pixels of an image file, or BadImage saying what is wrong with it."""
+    return preprocess_image(read_image(path, f"image {path}", max_pixels))
 
 
 class VLMDataset(Dataset):
-    """Returns per sample: input_ids, labels, image_keys and, for images whose features are not in the
-    on-disk feature cache yet, their preprocessed pixels."""
+    """The usable records of a dataset file. Per sample: input_ids, labels, image_keys and, for images whose
+    features are not in the on-disk feature cache yet, their preprocessed pixels.
 
-    def __init__(self, data_path, images_dir, tokenizer, max_seq_len=640, feature_cache=None):
-        self.data_path, self.images_dir = data_path, images_dir
-        self.records = load_records(data_path)
-        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+    Reading the file finds every record problem that needs no image decoding (model/data_check.py): bad JSON,
+    structure, roles, markers, missing or empty image files, a first turn over max_seq_len. They are in
+    `problems` (with the notes), and those records are not samples. An image that turns out bad when decoded
+    makes its sample {"index": i, "problem": Problem} instead of raising: the collator sets it aside and the
+    trainer decides (--on_bad_sample)."""
+
+    def __init__(self, data_path, images_dir, tokenizer, max_seq_len=640, feature_cache=None,
+                 max_image_pixels=MAX_IMAGE_PIXELS, progress=False):
+        self.data_path, self.images_dir = str(data_path), images_dir
+        self.tokenizer, self.max_seq_len, self.max_image_pixels = tokenizer, max_seq_len, max_image_pixels
         self.feature_cache = feature_cache  # FeatureCache or None; only its on-disk part is seen by workers
         self.image_ids = image_token_ids(tokenizer)
+        entries, self.problems = read_records(self.data_path)
+        if not entries and not self.problems:
+            raise DataError([], f"{self.data_path}: no records")
+        checked = []
+        for e in entries:
+            found = check_record(e, self.data_path) or self._file_problems(e)
+            self.problems += found
+            if not found:
+                checked.append(e)
+        self.entries, self.lengths = [], []
+        for e, (n, kept, total, status) in zip(checked, conversation_lengths(
+                tokenizer, [e.record for e in checked], max_seq_len, progress)):
+            if status == "too_long":
+                self.problems.append(Problem("too_long", self.data_path, e.line, e.id, f"the first turn is {n} "
+                                             f"tokens (50 per image); max_seq_len is {max_seq_len}"))
+                continue
+            if status in ("truncated", "answer_cut"):
+                self.problems.append(Problem("truncated", self.data_path, e.line, e.id,
+                                             truncation_detail(kept, total, status, max_seq_len)))
+            self.entries.append(e)
+            self.lengths.append(n)
+
+    def _file_problems(self, e):
+        """Missing or empty image files: found with a stat, before any decoding."""
+        for p in image_paths(e.record, self.images_dir):
+            if not os.path.isfile(p):
+                return [Problem("image_missing", self.data_path, e.line, e.id, f"image {p} does not exist")]
+            if os.path.getsize(p) == 0:
+                return [Problem("image_empty", self.data_path, e.line, e.id, f"image {p} is empty (0 bytes)")]
+        return []
+
+    def keep(self, indices):
+        """Only these samples from now on (records whose images turned out bad are left out)."""
+        indices = sorted(indices)
+        self.entries = [self.entries[i] for i in indices]
+        self.lengths = [self.lengths[i] for i in indices]
 
     def __len__(self):
-        return len(self.records)
+        return len(self.entries)
 
     def where(self, i):
-        return f"{self.data_path}: record {i} (id {self.records[i].get('id', '?')})"
+        e = self.entries[i]
+        return f"{self.data_path}:{e.line}" + (f" (id {e.id})" if e.id is not None else "")
 
-    def approx_lengths(self, progress=True):
-        """Token count of every record before truncation (text tokenized in large batches, 50 per image),
-        for grouping batches by length. Cheap: one pass, no images opened."""
-        from tqdm import tqdm
-        lengths = []
-        chunk = 4096
-        for start in tqdm(range(0, len(self.records), chunk), desc="measuring lengths", disable=not progress,
-                          unit="chunk"):
-            recs = self.records[start:start + chunk]
-            texts = ["".join(t["value"].replace(IMAGE_MARKER, "") for t in r["conversations"]) for r in recs]
-            for r, ids in zip(recs, self.tokenizer(texts, add_special_tokens=False).input_ids):
-                n_images = sum(t["value"].count(IMAGE_MARKER) for t in r["conversations"])
-                lengths.append(min(self.max_seq_len, len(ids) + 50 * n_images + 8 * len(r["conversations"])))
-        return lengths
+    def problem(self, i, kind, detail) -> Problem:
+        e = self.entries[i]
+        return Problem(kind, self.data_path, e.line, e.id, detail)
 
     def image_paths(self, i):
-        return [os.path.join(self.images_dir, p) for p in record_images(self.records[i])]
+        return image_paths(self.entries[i].record, self.images_dir)
 
     def __getitem__(self, i):
-        rec = self.records[i]
-        messages = conversation_to_messages(rec)
-        paths = self.image_paths(i)
-        n_markers = sum(t["value"].count(IMAGE_MARKER) for t in rec["conversations"])
-        if n_markers != len(paths):
-            raise ValueError(f"{self.where(i)}: {n_markers} '<image>' marker(s) but {len(paths)} image(s)")
-        ids, labels = tokenize_conversation(self.tokenizer, messages, self.max_seq_len, self.where(i))
+        messages = conversation_to_messages(self.entries[i].record)
+        system, turns = split_turns(messages)
+        pieces = self.tokenizer(turn_texts(system, turns), add_special_tokens=False).input_ids
+        ids, labels, kept, _ = assemble(pieces, self.tokenizer("\n", add_special_tokens=False).input_ids,
+                                        self.max_seq_len)
+        # images of left-out turns go with them: markers are in order, so the first n are the kept ones
+        n_images = system.count(IMAGE_PLACEHOLDER) + sum(q.count(IMAGE_PLACEHOLDER) + a.count(IMAGE_PLACEHOLDER)
+                                                         for q, a in turns[:kept])
         keys, pixels = [], []
-        for p in paths:
-            key = image_cache_key(p) if os.path.exists(p) else None
-            if key is None:
-                raise FileNotFoundError(f"{self.where(i)}: image {p} does not exist")
-            keys.append(key)
-            cached = self.feature_cache is not None and self.feature_cache.on_disk(key)
-            pixels.append(None if cached else load_image(p))
+        for p in self.image_paths(i)[:n_images]:
+            try:
+                keys.append(image_cache_key(p))
+                cached = self.feature_cache is not None and self.feature_cache.on_disk(keys[-1])
+                pixels.append(None if cached else load_image(p, self.max_image_pixels))
+            except BadImage as e:
+                return {"index": i, "problem": self.problem(i, e.kind, str(e))}
+            except FileNotFoundError:  # gone since the dataset was read
+                return {"index": i, "problem": self.problem(i, "image_missing", f"image {p} does not exist")}
         return {"input_ids": ids, "labels": labels, "image_keys": keys, "pixel_values": pixels, "index": i}
 
 
 class VLMCollator:
-    """Pads a batch to its own longest sequence (right padding) and gathers its images:
-    image_counts per row, image_keys flat in row order, and the pixels that still need encoding."""
+    """Pads a batch to its own longest sequence (right padding) and gathers its images: image_counts per row,
+    image_keys flat in row order, and the pixels that still need encoding. Samples that came back as a
+    problem are not rows: they are listed in "problems" (a batch of only those has input_ids None)."""
 
     def __init__(self, pad_id: int = 0):
         self.pad_id = pad_id
 
     def __call__(self, batch):
+        problems = [s["problem"] for s in batch if "problem" in s]
+        batch = [s for s in batch if "problem" not in s]
+        if not batch:
+            return {"input_ids": None, "problems": problems, "index": []}
         T = max(len(s["input_ids"]) for s in batch)
         input_ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
@@ -223,6 +279,7 @@ class VLMCollator:
             "pixel_keys": [k for k, _ in todo],
             "pixel_values": torch.stack([px for _, px in todo]) if todo else None,
             "index": [s["index"] for s in batch],
+            "problems": problems,
         }
 
 
@@ -278,18 +335,27 @@ class LengthGroupedBatchSampler(Sampler):
 
 
 class ImageFileDataset(Dataset):
-    """Unique image files -> (key, pixels); used to fill the feature cache before training."""
+    """Unique image files -> (path, key, pixels or None, BadImage or None); fills the feature cache."""
 
-    def __init__(self, paths):
-        self.paths = list(paths)
+    def __init__(self, paths, max_pixels=MAX_IMAGE_PIXELS):
+        self.paths, self.max_pixels = list(paths), max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         p = self.paths[i]
-        return image_cache_key(p), load_image(p)
+        try:
+            return p, image_cache_key(p), load_image(p, self.max_pixels), None
+        except BadImage as e:
+            return p, None, None, e
+        except FileNotFoundError:
+            return p, None, None, BadImage("image_missing", f"image {p} does not exist")
 
 
 def collate_images(batch):
-    return [k for k, _ in batch], torch.stack([px for _, px in batch])
+    """(paths, keys, pixels of the good images stacked or None, [(path, BadImage)])."""
+    good = [(p, k, px) for p, k, px, err in batch if err is None]
+    return ([p for p, _, _ in good], [k for _, k, _ in good],
+            torch.stack([px for _, _, px in good]) if good else None,
+            [(p, err) for p, _, _, err in batch if err is not None])

@@ -8,22 +8,19 @@ lock around each decoding step), which lets concurrent streams interleave token 
 import io
 import secrets
 import threading
-import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .chat import build_prompt, text_pieces
 from .checkpoint import load_vlm, resolve_checkpoint
 from .dataset import DEFAULT_TOKENIZER, load_tokenizer
 from .LMConfig import IMAGE_MARKER
-from .vision_utils import (DEFAULT_VISION_MODEL, autocast_dtype, encode_images, load_vision_model,
-                           preprocess_image)
+from .vision_utils import (DEFAULT_VISION_MODEL, MAX_IMAGE_PIXELS, BadImage, autocast_dtype, encode_images,
+                           load_vision_model, preprocess_image, read_image)
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded
-MAX_IMAGE_PIXELS = 4096 * 4096  # ... and an image with more pixels than this (decompression bombs)
-IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
 
 
 class InputError(ValueError):
@@ -40,29 +37,16 @@ class PromptTooLong(InputError):
 
 def open_image(data: bytes, name: str = "the image", max_bytes: int = MAX_IMAGE_BYTES,
                max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an uploaded image (bytes, never a path a client chose) into upright RGB, or raise InputError."""
-    from .vision_utils import to_rgb
+    """Decode an uploaded image (bytes, never a path a client chose) into upright RGB, or raise InputError
+    (TooLarge for the byte and pixel limits)."""
     if not data:
         raise InputError(f"{name} is empty (0 bytes)")
     if len(data) > max_bytes:
         raise TooLarge(f"{name} is {len(data) / 2 ** 20:.1f} MiB; the limit is {max_bytes / 2 ** 20:.1f} MiB")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own, lower limit
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise TooLarge(f"{name} has too many pixels (limit {max_pixels / 1e6:.1f} million)") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise InputError(f"{name} is not an image this model can read ({IMAGE_FORMATS})") from None
-    w, h = image.size
-    if w * h > max_pixels:
-        raise TooLarge(f"{name} is {w}x{h} = {w * h / 1e6:.1f} million pixels; "
-                         f"the limit is {max_pixels / 1e6:.1f} million")
-    try:
-        image.load()
-        return to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{name} is damaged or truncated ({e})") from None
+        return read_image(io.BytesIO(data), name, max_pixels)
+    except BadImage as e:
+        raise (TooLarge if e.kind == "image_too_large" else InputError)(str(e)) from None
 
 
 class Generation:

@@ -10,7 +10,9 @@ import math
 import os
 import random
 import signal
+import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +22,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import (atomic_write, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint,
-                         sidecar_path)
+from .checkpoint import (CheckpointError, atomic_write, load_strict, read_state_dict, resolve_checkpoint,
+                         save_checkpoint, sidecar_path)
+from .data_check import DataError, Problem, add_check_args, run_check
 from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
                       collate_images, image_cache_key, image_token_ids, load_tokenizer)
 from .feature_cache import FeatureCache
 from .LMConfig import LMConfig
 from .model import MiniMindVLM
-from .vision_utils import (DEFAULT_VISION_MODEL, autocast_dtype, encode_images, load_vision_model,
+from .vision_utils import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, encode_images, load_vision_model,
                            vision_fingerprint)
 
 
@@ -90,6 +93,13 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--length_group", type=int, default=64, help="batches formed together from samples sorted by length, so "
                                                    "padding is small (1: plain shuffled batches)")
     a("--feature_cache", default=None, help="image feature cache directory (None: {out_dir}/feature_cache)")
+    a("--check_data", nargs="?", const="quick", choices=["quick", "full"], default=None,
+      help="check --data_path and its images, print a report and exit (1 if anything is wrong) without training; "
+           "quick: records, image headers and file ends, token lengths; full: also decode every image")
+    a("--on_bad_sample", choices=["error", "skip"], default="error",
+      help="a record or image that cannot be used: error = stop with a message naming it (after saving a "
+           "checkpoint to --resume from); skip = leave it out, count it, list it in {name}_skipped.jsonl")
+    add_check_args(p)  # --max_image_pixels
     a("--no_feature_cache", action="store_true", help="no on-disk cache: images are encoded as batches need them and kept in RAM "
                                                        "(up to 4 GB) for later epochs of this run only")
     return p
@@ -120,21 +130,26 @@ def lr_at(step, total, peak, warmup):
 
 
 def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world, device):
-    """Encode every not-yet-cached image of the dataset once, split across ranks."""
+    """Encode every not-yet-cached image of the dataset once, split across ranks. Returns (images, newly
+    encoded, {path: (problem kind, message)} for the images that could not be decoded, the same on every
+    rank)."""
     paths = sorted({p for i in range(len(dataset)) for p in dataset.image_paths(i)})
-    for p in paths:
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"{args.data_path}: image {p} does not exist (check --images_dir)")
     todo = [p for p in paths[rank::world] if not cache.on_disk(image_cache_key(p))]
+    bad = {}
     if todo:
-        loader = DataLoader(ImageFileDataset(todo), batch_size=64, num_workers=args.num_workers,
-                            collate_fn=collate_images)
-        for keys, pixels in tqdm(loader, desc=f"encoding {len(todo)} images", disable=rank != 0, unit="batch"):
-            for k, f in zip(keys, encode_images(vision_model, pixels, amp_dtype)):
-                cache.put(k, f)
-    if world > 1:
-        dist.barrier()
-    return len(paths), len(todo)
+        loader = DataLoader(ImageFileDataset(todo, args.max_image_pixels), batch_size=64,
+                            num_workers=args.num_workers, collate_fn=collate_images)
+        for _, keys, pixels, errors in tqdm(loader, desc=f"encoding {len(todo)} images", disable=rank != 0,
+                                            unit="batch"):
+            bad.update({p: (e.kind, str(e)) for p, e in errors})
+            if pixels is not None:
+                for k, f in zip(keys, encode_images(vision_model, pixels, amp_dtype)):
+                    cache.put(k, f)
+    if world > 1:  # every rank learns every rank's bad images (they decide together what to do)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, bad)
+        bad = {p: b for part in gathered for p, b in part.items()}
+    return len(paths), len(todo), bad
 
 
 def batch_image_features(batch, cache, vision_model, amp_dtype, device):
@@ -178,7 +193,28 @@ def save_loss_curve(log, path, title):
 
 
 def train(recipe: Recipe, argv=None):
+    """Run a stage (see run); errors about the user's data, files or weights end it with a message and exit
+    status 1, not a traceback."""
     args = build_parser(recipe).parse_args(argv)
+    if args.check_data:
+        if int(os.environ.get("RANK", 0)) != 0:
+            raise SystemExit(0)  # under torchrun, rank 0 alone reports
+        try:
+            raise SystemExit(run_check(args, full=args.check_data == "full"))
+        except (FileNotFoundError, DataError) as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        return run(recipe, args)
+    except (DataError, CheckpointError, BadImage, FileNotFoundError) as e:
+        shared = isinstance(e, DataError)  # every rank found the same problems: one message is enough
+        if not shared or int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(1) from None
+
+
+def run(recipe: Recipe, args):
     ddp, rank, world, device = init_distributed(args)
     master = rank == 0
     torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -201,16 +237,36 @@ def train(recipe: Recipe, argv=None):
     model.to(device)
     vision_model = load_vision_model(args.vision_model, device)
 
+    name = f"{args.dim}{moe}_vlm_{recipe.stage}"
+    out_path = Path(args.out_dir) / f"{name}.{args.save_format}"
+    resume_path = Path(args.out_dir) / f"{name}_resume.pt"
+    bad = BadSamples(args.on_bad_sample, out_path.with_name(name + "_skipped.jsonl"), master)
+
     cache_dir = None if args.no_feature_cache else (args.feature_cache or f"{args.out_dir}/feature_cache")
     cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model))
-    dataset = VLMDataset(args.data_path, args.images_dir, tokenizer, args.max_seq_len, cache)
+    dataset = VLMDataset(args.data_path, args.images_dir, tokenizer, args.max_seq_len, cache,
+                         args.max_image_pixels, progress=master)
+    bad.report_reading(dataset)
     if cache_dir is not None:
-        n_images, n_new = fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world, device)
+        n_images, n_new, bad_images = fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank,
+                                                         world, device)
         if master:
             print(f"feature cache {cache.dir}: {n_images} images, {n_new} newly encoded by rank 0")
+        if bad_images:  # their records: stop on them, or leave them out (the same on every rank)
+            found, keep = [], []
+            for i in range(len(dataset)):
+                errors = [bad_images[p] for p in dataset.image_paths(i) if p in bad_images]
+                if errors:
+                    found.append(dataset.problem(i, *errors[0]))
+                else:
+                    keep.append(i)
+            bad.found(found, "decoding images", step=0)
+            dataset.keep(keep)
+    if len(dataset) == 0:
+        raise DataError([], f"{args.data_path}: no usable records left")
 
     # One sampler for every case, so a 2-rank run sees exactly the batches of a 1-rank run with twice the batch.
-    lengths = dataset.approx_lengths(progress=master) if args.length_group > 1 else [0] * len(dataset)
+    lengths = dataset.lengths if args.length_group > 1 else [0] * len(dataset)
     sampler = LengthGroupedBatchSampler(lengths, args.batch_size, world, rank, args.seed, args.length_group,
                                         args.accumulation_steps)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
@@ -230,14 +286,14 @@ def train(recipe: Recipe, argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
-    name = f"{args.dim}{moe}_vlm_{recipe.stage}"
-    out_path = Path(args.out_dir) / f"{name}.{args.save_format}"
-    resume_path = Path(args.out_dir) / f"{name}_resume.pt"
     layout = {"world": world, "batch_size": args.batch_size, "accumulation": args.accumulation_steps}
     step, start_epoch, start_micro, wandb_id = 0, 0, 0, None
     if args.resume:
         step, start_epoch, start_micro, wandb_id = load_resume_state(
             resume_path, raw_model, optimizer, scaler, layout, steps_per_epoch, master)
+    bad.start(step if args.resume else None)
+    if ddp:
+        dist.barrier()  # rank 0 has rewritten the skipped list before any rank appends to it
     wandb = None
     if args.use_wandb and master:
         import wandb
@@ -268,6 +324,11 @@ def train(recipe: Recipe, argv=None):
         _save(raw_model, out_path, cfg, recipe, args, step, log)
         save_resume_state(resume_path, raw_model, optimizer, scaler, step, epoch, step_in_epoch, layout, wandb_id)
 
+    # The image placeholder with zero features and no labels: its loss is 0, yet every parameter takes part
+    filler_ids = torch.tensor([cfg.image_ids], device=device)
+    filler_labels = torch.full_like(filler_ids, -100)
+    filler_features = [torch.zeros(1, len(cfg.image_ids), cfg.vision_dim, device=device)]
+
     epoch, step_in_epoch = start_epoch, 0
     for epoch in range(start_epoch, epochs):
         if step >= total_steps:  # a resumed run that had already finished
@@ -282,16 +343,34 @@ def train(recipe: Recipe, argv=None):
             lr = lr_at(step, total_steps, args.learning_rate, args.warmup_iters)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            features = batch_image_features(batch, cache, vision_model, amp_dtype, device)
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            labels = batch["labels"].to(device, non_blocking=True)
+            if args.on_bad_sample == "error":
+                found = bad.agree(batch["problems"], ddp, stop.group)  # any rank's bad sample stops every rank
+                if found:
+                    progress.close()
+                    if master:
+                        save_all()  # weights at the last finished step: this step is redone by --resume
+                    if ddp:
+                        dist.barrier()
+                        dist.destroy_process_group()
+                    raise DataError(found, f"bad sample(s) in the batch of step {step + 1} (epoch {epoch}); saved "
+                                    f"{out_path} and {resume_path} at step {step}. Fix or remove the record, then run "
+                                    "the same command with --resume (or add --on_bad_sample skip)")
+            elif batch["problems"]:
+                bad.skipped(batch["problems"], step, epoch, rank)
+            if batch["input_ids"] is None:  # every sample was bad: a row with no loss keeps the ranks in step
+                input_ids, labels, features = filler_ids, filler_labels, filler_features
+            else:
+                features = batch_image_features(batch, cache, vision_model, amp_dtype, device)
+                input_ids = batch["input_ids"].to(device, non_blocking=True)
+                labels = batch["labels"].to(device, non_blocking=True)
             sync = model.no_sync() if ddp and not last_micro else nullcontext()
             with sync, autocast:
                 loss = model(input_ids, features, labels=labels, loss_only=True).loss / args.accumulation_steps
             with sync:
                 scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            tokens += int(input_ids.numel())
+            if batch["input_ids"] is not None:
+                loss_sum += loss.detach()
+                tokens += int(input_ids.numel())
             if not last_micro:
                 continue
             scaler.unscale_(optimizer)
@@ -342,6 +421,7 @@ def train(recipe: Recipe, argv=None):
     if master and args.compile:
         from torch._dynamo.utils import counters
         print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled")
+    bad.summary(ddp, stop.group)
     if master:
         step_in_epoch = 0
         save_all()
@@ -353,6 +433,91 @@ def train(recipe: Recipe, argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return out_path
+
+
+class BadSamples:
+    """--on_bad_sample: a bad record stops the run (error) or is left out and listed (skip), in
+    {name}_skipped.jsonl next to the checkpoint, one JSON line per record: kind, file, line, id, detail, the
+    phase that found it and the step. Records too long to train on are always left out, and listed too."""
+
+    def __init__(self, mode, path, master):
+        self.mode, self.path, self.master, self.count = mode, Path(path), master, 0
+        self.pending = []  # lines found before start(): the file is rewritten then
+
+    def start(self, resumed_step=None):
+        """Begin the list: a resumed run keeps what the steps it does not redo skipped (the rest is found again)."""
+        lines, self.pending = self.pending, None
+        if self.master:
+            old = self.path.read_text().splitlines() if resumed_step is not None and self.path.is_file() else []
+            kept = [r for r in old if json.loads(r)["phase"] == "training" and json.loads(r)["step"] < resumed_step]
+            self.path.unlink(missing_ok=True)
+            self._write(kept + lines)
+
+    def _write(self, lines):
+        if self.pending is not None:
+            self.pending += lines
+        elif lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:  # one append per line: ranks may share the file
+                for line in lines:
+                    f.write(line + "\n")
+
+    def _lines(self, problems, phase, step, epoch=None, rank=0):
+        return [json.dumps({**p.to_dict(), "phase": phase, "step": step, "epoch": epoch, "rank": rank},
+                           ensure_ascii=False) for p in problems]
+
+    def report_reading(self, dataset):
+        """The problems found reading the dataset: the same on every rank."""
+        dropped = [p for p in dataset.problems if p.severity == "drop"]
+        notes = [p for p in dataset.problems if p.severity == "note"]
+        if self.master:
+            self._write(self._lines(dropped, "reading the dataset", 0))
+            if dropped:
+                print(f"left out {len(dropped)} record(s) whose first turn is longer than --max_seq_len "
+                      f"{dataset.max_seq_len} (e.g. {dropped[0].where()}); listed in {self.path}")
+            if notes:
+                print(f"{len(notes)} record(s) longer than --max_seq_len: their later turns are left out whole")
+        self.found([p for p in dataset.problems if p.severity == "error"], "reading the dataset", 0)
+
+    def found(self, problems, phase, step):
+        """Problems every rank knows about, found before training."""
+        if not problems:
+            return
+        if self.mode == "error":
+            problems = sorted(problems, key=lambda p: p.line or 0)
+            raise DataError(problems, f"{len(problems)} bad record(s) found {phase}; stopped before training. "
+                                      "Fix them (python check_data.py lists every problem) or leave them out with "
+                                      "--on_bad_sample skip")
+        if self.master:
+            self._write(self._lines(problems, phase, step))
+            kinds = ", ".join(f"{k} {n}" for k, n in Counter(p.kind for p in problems).items())
+            print(f"skipping {len(problems)} bad record(s) found {phase} ({kinds}); listed in {self.path}")
+
+    def skipped(self, problems, step, epoch, rank):
+        """Bad samples one rank met in a batch (skip mode): written at once, so a crash loses none."""
+        self.count += len(problems)
+        self._write(self._lines(problems, "training", step, epoch, rank))
+
+    @staticmethod
+    def agree(problems, ddp, group):
+        """Every rank's problems in this micro-batch, on every rank; [] (the usual case) costs one small
+        all-reduce under DDP and nothing otherwise."""
+        if not ddp:
+            return list(problems)
+        n = torch.tensor([len(problems)])
+        dist.all_reduce(n, group=group)
+        if not n.item():
+            return []
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [p.to_dict() for p in problems], group=group)
+        return [Problem(**d) for part in gathered for d in part]
+
+    def summary(self, ddp, group):
+        n = torch.tensor([self.count])
+        if ddp:
+            dist.all_reduce(n, group=group)  # a CPU tensor: the gloo group under nccl too
+        if self.master and n.item():
+            print(f"skipped {n.item()} bad sample(s) during training (--on_bad_sample skip); listed in {self.path}")
 
 
 def _ignore_sigint(worker_id):

@@ -98,17 +98,81 @@ def make_random_vision_model(out_dir: str, seed: int = 0):
     return out_dir
 
 
-PREPROCESS_VERSION = "rgb-white-exif-v2"  # part of the feature-cache fingerprint: bump when preprocessing changes
+PREPROCESS_VERSION = "rgb-white-exif-16bit-v3"  # part of the feature-cache fingerprint: bump when preprocessing changes
+MAX_IMAGE_PIXELS = 4096 * 4096  # an image with more pixels is refused before decoding (decompression bombs)
+IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
+
+
+class BadImage(ValueError):
+    """An image that cannot be used. `kind` names the problem (one of model.data_check.PROBLEMS); the message
+    says what is wrong with which file and is safe to show to whoever sent it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def open_image_header(source, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image (a path, or a file object of bytes) without decoding its pixels: format, size and mode are
+    known, and the pixel limit is applied before any decoding. Raises BadImage."""
+    import warnings
+    from PIL import UnidentifiedImageError
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise BadImage("image_missing", f"{name} does not exist")
+        if os.path.getsize(source) == 0:
+            raise BadImage("image_empty", f"{name} is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies below
+        try:
+            image = Image.open(source)
+        except Image.DecompressionBombError:
+            raise BadImage("image_too_large", f"{name} has too many pixels (limit {max_pixels / 1e6:.1f} million)") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise BadImage("not_an_image", f"{name} is not an image this model can read ({IMAGE_FORMATS})") from None
+    w, h = image.size
+    if w * h > max_pixels:
+        image.close()
+        raise BadImage("image_too_large", f"{name} is {w}x{h} = {w * h / 1e6:.1f} million pixels; the limit is "
+                                          f"{max_pixels / 1e6:.1f} million")
+    return image
+
+
+def read_image(source, name: str = "the image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image file (a path, or a file object of bytes) into upright RGB (see to_rgb), or raise BadImage
+    saying what is wrong: missing, empty, not an image, too many pixels, truncated or otherwise damaged."""
+    image = open_image_header(source, name, max_pixels)
+    try:
+        with image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        kind = "image_truncated" if "truncat" in str(e).lower() else "image_damaged"
+        raise BadImage(kind, f"{name} is damaged or truncated ({e})") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale ('I;16', 'I', 'F') as 8-bit 'L'. PIL's own convert clips
+    them at 255, which turns a 16-bit scan almost entirely white."""
+    a = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        a = a * 255 if a.size and a.max() <= 1.0 else a  # floats in [0, 1], else taken as 0..255
+    elif image.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = a / 257  # 0..65535 -> 0..255
+    return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB: the EXIF orientation applied (phone photos are stored sideways), transparency composited
-    on white (a plain convert would show transparent pixels as whatever colour they hide, often black)."""
+    on white (a plain convert would show transparent pixels as whatever colour they hide, often black),
+    16-bit and float greyscale scaled to 8 bits; CMYK, 1-bit, greyscale and palette images converted."""
     from PIL import ImageOps
     image = ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA")  # palette or colour-key transparency becomes an alpha channel
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

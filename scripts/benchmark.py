@@ -272,7 +272,7 @@ def train_mode(spec):
         collate = FixedPadCollator(spec["max_seq_len"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
-        lengths = dataset.approx_lengths(progress=False)
+        lengths = dataset.lengths
         batches = list(LengthGroupedBatchSampler(lengths, spec["batch_size"], seed=0))[:n_batches]
         collate = VLMCollator()
         optimizer = make_adamw(list(model.parameters()), 1e-4)

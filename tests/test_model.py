@@ -1,5 +1,4 @@
 """The decoder, the splice and generation."""
-import re
 
 import pytest
 import torch

@@ -149,3 +149,29 @@ def test_two_visitors_keep_their_own_image(web, browser, images):
     finally:
         a.close()
         b.close()
+
+
+def test_every_corpus_image_is_answered_or_explained(web, browser, tmp_path):
+    """The dirty-data corpus's images (tests/bad_corpus.py) uploaded one after another: each bad one gets its
+    message in the status line; each unusual but valid one (CMYK, 16-bit, 1-bit, transparency, EXIF) an answer."""
+    from tests.bad_corpus import image_files
+    words = {"image_empty": "is empty", "not_an_image": "is not an image", "image_truncated": "damaged or truncated",
+             "image_damaged": "damaged or truncated", "image_too_large": "million pixels"}
+    page = Page(browser, web.url)
+    try:
+        for name, (data, kind) in image_files().items():
+            (tmp_path / name).write_bytes(data)
+            if kind in words:
+                page.upload(tmp_path / name, shown=False)
+                assert words[kind] in page.wait_status(f"{name} ")
+            else:  # once this file is shown and its new conversation has begun (chat and status cleared), ask
+                page.upload(tmp_path / name, shown=False)
+                page.page.wait_for_selector(f'#image img[src*="{name}"]', timeout=TIMEOUT_MS)
+                page.page.wait_for_function(
+                    "() => !document.querySelector('#chat [data-testid=bot]')"
+                    " && (document.querySelector('#status')?.innerText || '').trim() == ''", timeout=TIMEOUT_MS)
+                assert page.wait_answer(page.ask(QUESTION)), name
+                assert page.status() == "", name
+        assert "Traceback" not in page.page.content()
+    finally:
+        page.close()
