@@ -142,11 +142,18 @@ def conversation_lengths(tokenizer, records, max_seq_len, progress=False, chunk=
     return out
 
 
-def truncation_detail(kept, total, status, max_seq_len) -> str:
-    if status == "answer_cut":
-        return f"the first answer is cut to fit in max_seq_len {max_seq_len}" + (
+def length_problem(entry, file, n_tokens, kept, total, status, max_seq_len):
+    """The Problem a record's conversation_lengths result is ('too_long' or 'truncated'), or None."""
+    if status == "too_long":
+        detail = f"the first turn is {n_tokens} tokens (50 per image); max_seq_len is {max_seq_len}"
+    elif status == "answer_cut":
+        detail = f"the first answer is cut to fit in max_seq_len {max_seq_len}" + (
             f"; the other {total - 1} turn(s) are left out" if total > 1 else "")
-    return f"{kept} of {total} turn(s) fit in max_seq_len {max_seq_len}; the rest are left out"
+    elif status == "truncated":
+        detail = f"{kept} of {total} turn(s) fit in max_seq_len {max_seq_len}; the rest are left out"
+    else:
+        return None
+    return Problem("too_long" if status == "too_long" else "truncated", file, entry.line, entry.id, detail)
 
 
 def image_cache_key(path: str) -> str:
@@ -189,15 +196,11 @@ class VLMDataset(Dataset):
         self.entries, self.lengths = [], []
         for e, (n, kept, total, status) in zip(checked, conversation_lengths(
                 tokenizer, [e.record for e in checked], max_seq_len, progress)):
-            if status == "too_long":
-                self.problems.append(Problem("too_long", self.data_path, e.line, e.id, f"the first turn is {n} "
-                                             f"tokens (50 per image); max_seq_len is {max_seq_len}"))
-                continue
-            if status in ("truncated", "answer_cut"):
-                self.problems.append(Problem("truncated", self.data_path, e.line, e.id,
-                                             truncation_detail(kept, total, status, max_seq_len)))
-            self.entries.append(e)
-            self.lengths.append(n)
+            problem = length_problem(e, self.data_path, n, kept, total, status, max_seq_len)
+            self.problems += [problem] if problem else []
+            if status != "too_long":
+                self.entries.append(e)
+                self.lengths.append(n)
 
     def _file_problems(self, e):
         """Missing or empty image files: found with a stat, before any decoding."""
