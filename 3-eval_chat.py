@@ -99,15 +99,15 @@ def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
     grey = features_for(vision_model, grey_pixels()[None], dtype)[0] if args.control == "blank" else None
     out_path = args.out or os.path.splitext(args.ckpt)[0] + f"_preds{'_blank' if grey is not None else ''}.jsonl"
     n = exact = contains = 0
+    skipped = []
 
     def skip(fout, problem):  # skip mode: the record is in the predictions file with what is wrong, unscored
-        problems.append(problem)
+        skipped.append(problem)
         fout.write(json.dumps({"id": problem.id, "line": problem.line, "kind": problem.kind,
                                "error": problem.message()}, ensure_ascii=False) + "\n")
 
     with open(out_path, "w", encoding="utf-8") as fout:
-        for p in list(problems):
-            problems.remove(p)
+        for p in problems:
             skip(fout, p)
         for start in tqdm(range(0, len(good), args.batch_size), desc="evaluating", unit="batch"):
             chunk, prompts, feats, refs = [], [], [], []
@@ -147,12 +147,12 @@ def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
                 fout.write(json.dumps({"id": e.record.get("id"), "image": e.record.get("image"), "reference": ref,
                                        "prediction": ans, "exact": hit, "contains": has}, ensure_ascii=False) + "\n")
     print(f"predictions: {out_path}", file=sys.stderr)
-    if problems:
-        kinds = ", ".join(f"{k} {c}" for k, c in Counter(p.kind for p in problems).items())
-        print(f"skipped {len(problems)} bad record(s) ({kinds}); each is in the predictions file with its error",
+    if skipped:
+        kinds = ", ".join(f"{k} {c}" for k, c in Counter(p.kind for p in skipped).items())
+        print(f"skipped {len(skipped)} bad record(s) ({kinds}); each is in the predictions file with its error",
               file=sys.stderr)
     print(json.dumps({"n": n, "exact": round(exact / max(n, 1), 4), "contains": round(contains / max(n, 1), 4),
-                      "skipped": len(problems)}))
+                      "skipped": len(skipped)}))
 
 
 def image_features_of(path, vision_model, dtype, control, max_pixels):
