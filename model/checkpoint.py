@@ -95,14 +95,6 @@ def _config_difference(model, state_dict) -> list:
     return [f"  the checkpoint was made with {', '.join(diff)}"] if diff else []
 
 
-def read_config(path, key) -> dict:
-    """A JSON file's config dict, or CheckpointError naming the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))[key]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from None
-
-
 def sidecar_path(ckpt_path) -> Path:
     return Path(ckpt_path).with_suffix(".json")
 
@@ -157,8 +149,14 @@ def infer_config(state_dict, image_ids) -> LMConfig:
 
 
 def _config(path, key) -> LMConfig:
+    """The LMConfig under `key` in a JSON file (a sidecar or an export's config.json), or CheckpointError
+    naming the file."""
     try:
-        return LMConfig.from_dict(read_config(path, key))
+        d = json.loads(Path(path).read_text(encoding="utf-8"))[key]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from None
+    try:
+        return LMConfig.from_dict(d)
     except (TypeError, ValueError) as e:  # unknown fields or impossible values
         raise CheckpointError(f"the model config in {path} is not valid: {e}") from None
 

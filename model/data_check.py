@@ -287,7 +287,7 @@ def scan(data_path, images_dir, tokenizer, max_seq_len, max_image_pixels=None, d
          progress=True) -> Report:
     """Every problem of a dataset: records, images (each unique file once), token lengths."""
     from tqdm import tqdm
-    from .dataset import conversation_lengths, length_problem
+    from .dataset import measure_entries
     from .vision_utils import MAX_IMAGE_PIXELS
     max_image_pixels = max_image_pixels or MAX_IMAGE_PIXELS
     entries, problems = read_records(data_path)
@@ -317,9 +317,7 @@ def scan(data_path, images_dir, tokenizer, max_seq_len, max_image_pixels=None, d
                 if PROBLEMS[kind][0] == "error":
                     bad_image.add(id(e))
     good = [e for e in good if id(e) not in bad_image]
-    for e, result in zip(good, conversation_lengths(tokenizer, [e.record for e in good], max_seq_len, progress)):
-        problem = length_problem(e, data_path, *result, max_seq_len)
-        problems += [problem] if problem else []
+    problems += measure_entries(tokenizer, good, data_path, max_seq_len, progress)[2]
     problems.sort(key=lambda p: (p.line or 0))
     return Report(data_path, len(entries) + sum(p.kind in ("bad_json", "bad_encoding") for p in problems),
                   problems, len(users), decode)

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .data_check import ROLES, DataError, Problem, RecordError, check_record, image_paths, read_records
 from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
-from .vision_utils import MAX_IMAGE_PIXELS, BadImage, preprocess_image, read_image
+from .vision_utils import MAX_IMAGE_PIXELS, BadImage, check_image_file, preprocess_image, read_image
 
 IGNORE_INDEX = -100
 DEFAULT_TOKENIZER = "model/minimind_tokenizer"
@@ -37,18 +37,6 @@ def image_token_ids(tokenizer) -> list:
         raise ValueError(f"the tokenizer encodes the image placeholder to {len(ids)} ids, not 50: "
                          "it must not merge '<' or '>' (see scripts/train_tokenizer.py)")
     return ids
-
-
-def load_records(data_path: str) -> list:
-    """Every record of a JSON list or JSON-lines file, or DataError listing each bad one (file:line, id, what)."""
-    entries, problems = read_records(data_path)
-    for e in entries:
-        problems += check_record(e, str(data_path))
-    if problems:
-        raise DataError(sorted(problems, key=lambda p: p.line or 0), f"{data_path}: {len(problems)} bad record(s)")
-    if not entries:
-        raise DataError([], f"{data_path}: no records")
-    return [e.record for e in entries]
 
 
 def conversation_to_messages(rec):
@@ -107,12 +95,21 @@ def assemble(pieces, newline, max_seq_len):
     return ids, labels, len(pieces) // 2, False
 
 
+def encode_chat(tokenizer, messages, max_seq_len: int):
+    """(ids, labels, images kept) of a chat (see turn_texts and assemble). The images of left-out turns go
+    with them: markers are in order, so the kept images are the first ones."""
+    system, turns = split_turns(messages)
+    pieces = tokenizer(turn_texts(system, turns), add_special_tokens=False).input_ids
+    ids, labels, kept, _ = assemble(pieces, tokenizer("\n", add_special_tokens=False).input_ids, max_seq_len)
+    n_images = system.count(IMAGE_PLACEHOLDER) + sum(q.count(IMAGE_PLACEHOLDER) + a.count(IMAGE_PLACEHOLDER)
+                                                     for q, a in turns[:kept])
+    return ids, labels, n_images
+
+
 def tokenize_conversation(tokenizer, messages, max_seq_len: int, where: str = "record"):
-    """Token ids and labels of a chat (see turn_texts and assemble). Errors (RecordError) start with `where`."""
+    """Token ids and labels of a chat (see encode_chat). Errors (RecordError) start with `where`."""
     try:
-        system, turns = split_turns(messages)
-        pieces = tokenizer(turn_texts(system, turns), add_special_tokens=False).input_ids
-        ids, labels, _, _ = assemble(pieces, tokenizer("\n", add_special_tokens=False).input_ids, max_seq_len)
+        ids, labels, _ = encode_chat(tokenizer, messages, max_seq_len)
     except RecordError as e:
         raise RecordError(e.kind, f"{where}: {e}") from None
     return ids, labels
@@ -156,6 +153,20 @@ def length_problem(entry, file, n_tokens, kept, total, status, max_seq_len):
     return Problem("too_long" if status == "too_long" else "truncated", file, entry.line, entry.id, detail)
 
 
+def measure_entries(tokenizer, entries, file, max_seq_len, progress=False):
+    """(the entries that fit, their token lengths, the length problems of all): conversation_lengths with
+    its too_long records left out and its too_long / truncated results as Problems."""
+    kept, lengths, problems = [], [], []
+    for e, (n, n_kept, total, status) in zip(entries, conversation_lengths(
+            tokenizer, [e.record for e in entries], max_seq_len, progress)):
+        problem = length_problem(e, file, n, n_kept, total, status, max_seq_len)
+        problems += [problem] if problem else []
+        if status != "too_long":
+            kept.append(e)
+            lengths.append(n)
+    return kept, lengths, problems
+
+
 def image_cache_key(path: str) -> str:
     """Feature-cache key of an image file: its absolute path, size and modification time."""
     import hashlib
@@ -193,22 +204,17 @@ class VLMDataset(Dataset):
             self.problems += found
             if not found:
                 checked.append(e)
-        self.entries, self.lengths = [], []
-        for e, (n, kept, total, status) in zip(checked, conversation_lengths(
-                tokenizer, [e.record for e in checked], max_seq_len, progress)):
-            problem = length_problem(e, self.data_path, n, kept, total, status, max_seq_len)
-            self.problems += [problem] if problem else []
-            if status != "too_long":
-                self.entries.append(e)
-                self.lengths.append(n)
+        self.entries, self.lengths, length_problems = measure_entries(tokenizer, checked, self.data_path,
+                                                                      max_seq_len, progress)
+        self.problems += length_problems
 
     def _file_problems(self, e):
         """Missing or empty image files: found with a stat, before any decoding."""
-        for p in image_paths(e.record, self.images_dir):
-            if not os.path.isfile(p):
-                return [Problem("image_missing", self.data_path, e.line, e.id, f"image {p} does not exist")]
-            if os.path.getsize(p) == 0:
-                return [Problem("image_empty", self.data_path, e.line, e.id, f"image {p} is empty (0 bytes)")]
+        try:
+            for p in image_paths(e.record, self.images_dir):
+                check_image_file(p, f"image {p}")
+        except BadImage as err:
+            return [Problem(err.kind, self.data_path, e.line, e.id, str(err))]
         return []
 
     def keep(self, indices):
@@ -220,10 +226,6 @@ class VLMDataset(Dataset):
     def __len__(self):
         return len(self.entries)
 
-    def where(self, i):
-        e = self.entries[i]
-        return f"{self.data_path}:{e.line}" + (f" (id {e.id})" if e.id is not None else "")
-
     def problem(self, i, kind, detail) -> Problem:
         e = self.entries[i]
         return Problem(kind, self.data_path, e.line, e.id, detail)
@@ -233,13 +235,7 @@ class VLMDataset(Dataset):
 
     def __getitem__(self, i):
         messages = conversation_to_messages(self.entries[i].record)
-        system, turns = split_turns(messages)
-        pieces = self.tokenizer(turn_texts(system, turns), add_special_tokens=False).input_ids
-        ids, labels, kept, _ = assemble(pieces, self.tokenizer("\n", add_special_tokens=False).input_ids,
-                                        self.max_seq_len)
-        # images of left-out turns go with them: markers are in order, so the first n are the kept ones
-        n_images = system.count(IMAGE_PLACEHOLDER) + sum(q.count(IMAGE_PLACEHOLDER) + a.count(IMAGE_PLACEHOLDER)
-                                                         for q, a in turns[:kept])
+        ids, labels, n_images = encode_chat(self.tokenizer, messages, self.max_seq_len)
         keys, pixels = [], []
         for p in self.image_paths(i)[:n_images]:
             try:
@@ -357,8 +353,7 @@ class ImageFileDataset(Dataset):
 
 
 def collate_images(batch):
-    """(paths, keys, pixels of the good images stacked or None, [(path, BadImage)])."""
-    good = [(p, k, px) for p, k, px, err in batch if err is None]
-    return ([p for p, _, _ in good], [k for _, k, _ in good],
-            torch.stack([px for _, _, px in good]) if good else None,
+    """(keys of the good images, their pixels stacked or None, [(path, BadImage)] for the others)."""
+    good = [(k, px) for _, k, px, err in batch if err is None]
+    return ([k for k, _ in good], torch.stack([px for _, px in good]) if good else None,
             [(p, err) for p, _, _, err in batch if err is not None])

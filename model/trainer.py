@@ -139,8 +139,8 @@ def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, worl
     if todo:
         loader = DataLoader(ImageFileDataset(todo, args.max_image_pixels), batch_size=64,
                             num_workers=args.num_workers, collate_fn=collate_images)
-        for _, keys, pixels, errors in tqdm(loader, desc=f"encoding {len(todo)} images", disable=rank != 0,
-                                            unit="batch"):
+        for keys, pixels, errors in tqdm(loader, desc=f"encoding {len(todo)} images", disable=rank != 0,
+                                         unit="batch"):
             bad.update({p: (e.kind, str(e)) for p, e in errors})
             if pixels is not None:
                 for k, f in zip(keys, encode_images(vision_model, pixels, amp_dtype)):

@@ -112,16 +112,21 @@ class BadImage(ValueError):
         self.kind = kind
 
 
+def check_image_file(path, name: str):
+    """BadImage for an image file that is missing or empty: what a stat can tell, without opening it."""
+    if not os.path.isfile(path):
+        raise BadImage("image_missing", f"{name} does not exist")
+    if os.path.getsize(path) == 0:
+        raise BadImage("image_empty", f"{name} is empty (0 bytes)")
+
+
 def open_image_header(source, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image (a path, or a file object of bytes) without decoding its pixels: format, size and mode are
     known, and the pixel limit is applied before any decoding. Raises BadImage."""
     import warnings
     from PIL import UnidentifiedImageError
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.isfile(source):
-            raise BadImage("image_missing", f"{name} does not exist")
-        if os.path.getsize(source) == 0:
-            raise BadImage("image_empty", f"{name} is empty (0 bytes)")
+        check_image_file(source, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies below
         try:

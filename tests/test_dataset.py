@@ -1,12 +1,13 @@
 """LLaVA records -> ids, labels, images; the collator."""
 import json
+import re
 
 import pytest
 from PIL import Image
 
 from model.chat import build_prompt
-from model.dataset import (IGNORE_INDEX, VLMCollator, VLMDataset, conversation_to_messages, load_records,
-                           tokenize_conversation)
+from model.data_check import check_record, read_records
+from model.dataset import IGNORE_INDEX, VLMCollator, VLMDataset, conversation_to_messages, tokenize_conversation
 from model.LMConfig import IMAGE_PLACEHOLDER
 
 
@@ -68,18 +69,22 @@ def test_bad_role_order(tokenizer):
         tokenize_conversation(tokenizer, conversation_to_messages(bad), 64)
 
 
-def test_load_records_json_and_jsonl(tmp_path):
+def test_read_records_json_and_jsonl(tmp_path):
+    def problems(path):
+        entries, found = read_records(path)
+        return entries, found + [p for e in entries for p in check_record(e, str(path))]
     r = rec("<image>\nq", "a")
     (tmp_path / "a.json").write_text(json.dumps([r, r]))
     (tmp_path / "b.jsonl").write_text(json.dumps(r) + "\n\n" + json.dumps(r) + "\n")
-    assert len(load_records(tmp_path / "a.json")) == 2
-    assert len(load_records(tmp_path / "b.jsonl")) == 2
+    for name in ("a.json", "b.jsonl"):
+        entries, found = problems(tmp_path / name)
+        assert len(entries) == 2 and found == []
     (tmp_path / "c.jsonl").write_text(json.dumps(r) + "\n{broken\n")
-    with pytest.raises(ValueError, match=r"c.jsonl:2: invalid JSON"):
-        load_records(tmp_path / "c.jsonl")
+    _, found = problems(tmp_path / "c.jsonl")
+    assert len(found) == 1 and re.search(r"c.jsonl:2: invalid JSON", found[0].message())
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "x9", "image": "a.png"}) + "\n")
-    with pytest.raises(ValueError, match=r"d.jsonl:1 \(id x9\): needs a non-empty 'conversations'"):
-        load_records(tmp_path / "d.jsonl")
+    _, found = problems(tmp_path / "d.jsonl")
+    assert len(found) == 1 and re.search(r"d.jsonl:1 \(id x9\): needs a non-empty 'conversations'", found[0].message())
 
 
 def test_dataset_and_collator(tmp_path, tokenizer, image_ids):
