@@ -345,15 +345,18 @@ def run_check(args, full: bool, progress=True) -> int:
 
 def main(argv=None):
     from .dataset import DEFAULT_TOKENIZER
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
     a = p.add_argument
     a("--data_path", required=True, help="LLaVA-format .json list or .jsonl")
-    a("--images_dir", default=".", help="directory the records' image paths are relative to (default: .)")
-    a("--tokenizer", default=DEFAULT_TOKENIZER, help=f"tokenizer for the length check (default: {DEFAULT_TOKENIZER})")
-    a("--max_seq_len", type=int, default=640, help="training sequence length (default: 640)")
+    a("--images_dir", default=".", help="directory the records' image paths are relative to")
+    a("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer for the length check")
+    a("--max_seq_len", type=int, default=640, help="training sequence length")
     a("--full", action="store_true", help="decode every image (slower), not only headers and file ends")
-    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="processes checking images")
-    a("--show", type=int, default=3, help="examples printed per kind of problem (default: 3)")
+    a("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+      help="processes checking images (min(8, CPU count))")
+    a("--show", type=int, default=3, help="examples printed per kind of problem")
     a("--report", default=None, help="write every problem as a JSON line here")
     add_check_args(p)
     args = p.parse_args(argv)
