@@ -4,7 +4,7 @@ sees. Starts from a text-only MiniMind LLM, out/{dim}[_moe]_llm.pth; writes out/
   python 1-pretrain_vlm.py                                   # one process
   torchrun --nproc_per_node 2 1-pretrain_vlm.py              # DDP
 """
-from model.trainer import Recipe, train
+from trainer.train import Recipe, train
 
 RECIPE = Recipe(
     stage="pretrain",

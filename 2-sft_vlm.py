@@ -4,7 +4,7 @@ out/{dim}[_moe]_vlm_pretrain (.safetensors or .pth); writes out/{dim}[_moe]_vlm_
   python 2-sft_vlm.py
   torchrun --nproc_per_node 2 2-sft_vlm.py
 """
-from model.trainer import Recipe, train
+from trainer.train import Recipe, train
 
 RECIPE = Recipe(
     stage="sft",

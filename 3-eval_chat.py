@@ -17,15 +17,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.chat import build_prompt, features_for, generate_batch, stream_text
+from model.engine import build_prompt, features_for, generate_batch, stream_text
 from model.checkpoint import load_vlm, resolve_checkpoint
 from model.checkpoint import CheckpointError
-from model.data_check import (ROLES, DataError, Problem, RecordError, add_check_args, check_record, image_paths,
+from trainer.data_check import (ROLES, DataError, Problem, RecordError, add_check_args, check_record, image_paths,
                               read_records)
-from model.dataset import DEFAULT_TOKENIZER, image_cache_key, load_image, load_tokenizer
-from model.feature_cache import FeatureCache
+from trainer.data import DEFAULT_TOKENIZER, image_cache_key, load_image, load_tokenizer
+from trainer.feature_cache import FeatureCache
 from model.LMConfig import IMAGE_MARKER
-from model.vision_utils import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, load_vision_model,
+from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, load_vision_model,
                                 preprocess_image, vision_fingerprint)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")

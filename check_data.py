@@ -8,7 +8,7 @@ The training scripts run the same check with --check_data (on their own --data_p
 """
 import sys
 
-from model.data_check import main
+from trainer.data_check import main
 
 if __name__ == "__main__":
     sys.exit(main())

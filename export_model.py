@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
-from model.dataset import DEFAULT_TOKENIZER, load_tokenizer
-from model.vision_utils import DEFAULT_VISION_MODEL
+from trainer.data import DEFAULT_TOKENIZER, load_tokenizer
+from model.vision import DEFAULT_VISION_MODEL
 
-CODE_FILES = ("modeling_minimind_v.py", "model.py", "LMConfig.py", "vision_utils.py", "chat.py")
+CODE_FILES = ("modeling_minimind_v.py", "model.py", "LMConfig.py", "vision.py", "engine.py")
 
 
 def parse_args(argv=None):

@@ -164,7 +164,7 @@ def _config(path, key) -> LMConfig:
 def load_vlm(ckpt_path, tokenizer, device="cpu"):
     """A MiniMindVLM from a .safetensors/.pth checkpoint (config from its sidecar JSON, else inferred from
     tensor shapes) or from a directory written by export_model.py."""
-    from .dataset import image_token_ids
+    from trainer.data import image_token_ids
     from .model import MiniMindVLM
     sd = read_state_dict(ckpt_path)
     image_ids = image_token_ids(tokenizer)

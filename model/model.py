@@ -9,7 +9,7 @@ Read top to bottom:
   4. generation with a preallocated key/value cache that the caller holds.
 
 Parameter names are upstream MiniMind-V v1's, so its released .pth state dicts load with strict=True.
-The vision encoder itself lives outside this module (model/vision_utils.py): it is frozen, so the model
+The vision encoder itself lives outside this module (model/vision.py): it is frozen, so the model
 takes its output, `image_features` of shape (..., 50, 768), not pixels.
 """
 import math

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .chat import build_prompt
+from .engine import build_prompt
 from .LMConfig import IMAGE_MARKER, LMConfig
 from .model import MiniMindVLM
 
@@ -58,7 +58,7 @@ class MiniMindVForCausalLM(PreTrainedModel):
     def vision_tower(self):
         """The frozen CLIP tower the export points to (a copy inside the export, or a path), loaded once."""
         if self._vision is None:
-            from .vision_utils import load_vision_model
+            from .vision import load_vision_model
             path = self.config.vision_model
             if not os.path.isabs(path) and getattr(self, "_export_dir", None):
                 path = os.path.join(self._export_dir, path)
@@ -68,7 +68,7 @@ class MiniMindVForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def encode_images(self, images):
         """(n, 50, 768) features for a list of PIL images."""
-        from .vision_utils import encode_images, preprocess_image
+        from .vision import encode_images, preprocess_image
         return encode_images(self.vision_tower(), torch.stack([preprocess_image(im) for im in images]))
 
     # -- generation -----------------------------------------------------------------------------------

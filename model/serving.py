@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .chat import build_prompt, text_pieces
+from .engine import build_prompt, text_pieces
 from .checkpoint import load_vlm, resolve_checkpoint
-from .dataset import DEFAULT_TOKENIZER, load_tokenizer
+from trainer.data import DEFAULT_TOKENIZER, load_tokenizer
 from .LMConfig import IMAGE_MARKER
-from .vision_utils import (DEFAULT_VISION_MODEL, MAX_IMAGE_PIXELS, BadImage, autocast_dtype, encode_images,
+from .vision import (DEFAULT_VISION_MODEL, MAX_IMAGE_PIXELS, BadImage, autocast_dtype, encode_images,
                            load_vision_model, preprocess_image, read_image)
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded

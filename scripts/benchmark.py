@@ -41,14 +41,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from model.chat import IncrementalDecoder, build_prompt  # noqa: E402
-from model.dataset import (IGNORE_INDEX, LengthGroupedBatchSampler, VLMCollator, VLMDataset,  # noqa: E402
+from model.engine import IncrementalDecoder, build_prompt  # noqa: E402
+from trainer.data import (IGNORE_INDEX, LengthGroupedBatchSampler, VLMCollator, VLMDataset,  # noqa: E402
                            image_token_ids, load_tokenizer)
-from model.feature_cache import FeatureCache  # noqa: E402
+from trainer.feature_cache import FeatureCache  # noqa: E402
 from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
-from model.trainer import batch_image_features, make_adamw  # noqa: E402
-from model.vision_utils import (autocast_dtype, encode_images, load_vision_model,  # noqa: E402
+from trainer.train import batch_image_features, make_adamw  # noqa: E402
+from model.vision import (autocast_dtype, encode_images, load_vision_model,  # noqa: E402
                                 make_random_vision_model, vision_fingerprint)
 
 SIZES = {"27m": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),

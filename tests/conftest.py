@@ -7,7 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model.dataset import image_token_ids, load_tokenizer  # noqa: E402
+from trainer.data import image_token_ids, load_tokenizer  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def tiny_cfg(image_ids):
 @pytest.fixture(scope="session")
 def random_tower(tmp_path_factory):
     """A seeded random CLIP ViT-B/32 directory, made once per test session."""
-    from model.vision_utils import make_random_vision_model
+    from model.vision import make_random_vision_model
     return make_random_vision_model(str(tmp_path_factory.mktemp("clip") / "random-clip-test"), seed=0)
 
 

@@ -36,7 +36,7 @@ KILL_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
 from model.checkpoint import save_checkpoint
-from model.dataset import image_token_ids, load_tokenizer
+from trainer.data import image_token_ids, load_tokenizer
 from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
 cfg = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, image_ids=image_token_ids(load_tokenizer({tok!r})))

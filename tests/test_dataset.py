@@ -5,9 +5,9 @@ import re
 import pytest
 from PIL import Image
 
-from model.chat import build_prompt
-from model.data_check import check_record, read_records
-from model.dataset import IGNORE_INDEX, VLMCollator, VLMDataset, conversation_to_messages, tokenize_conversation
+from model.engine import build_prompt
+from trainer.data_check import check_record, read_records
+from trainer.data import IGNORE_INDEX, VLMCollator, VLMDataset, conversation_to_messages, tokenize_conversation
 from model.LMConfig import IMAGE_PLACEHOLDER
 
 
@@ -110,7 +110,7 @@ def test_dataset_and_collator(tmp_path, tokenizer, image_ids):
 
 
 def test_length_grouped_batches_visit_every_sample_once():
-    from model.dataset import LengthGroupedBatchSampler
+    from trainer.data import LengthGroupedBatchSampler
     lengths = [(i * 37) % 300 + 20 for i in range(1003)]
     s = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, group=16)
     for epoch in (0, 1):
@@ -128,7 +128,7 @@ def test_length_grouped_batches_visit_every_sample_once():
 
 
 def test_length_grouped_batches_split_global_batches_across_ranks_and_accumulation():
-    from model.dataset import LengthGroupedBatchSampler
+    from trainer.data import LengthGroupedBatchSampler
     lengths = [(i * 13) % 97 for i in range(100)]
     one = list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=1))
     ranks = [list(LengthGroupedBatchSampler(lengths, 4, num_replicas=2, rank=r, seed=1)) for r in (0, 1)]

@@ -35,7 +35,7 @@ def test_auto_classes_load_the_export_exactly(exported, served_model, tokenizer)
 
 def test_generate_with_images_matches_the_repository_model(exported, served_model, tokenizer, random_tower):
     from transformers import AutoModelForCausalLM
-    from model.chat import build_prompt
+    from model.engine import build_prompt
     model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
     prompt = build_prompt(tokenizer, [{"role": "user", "content": f"<image>\n{QUESTION}"}])
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])

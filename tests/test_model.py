@@ -144,7 +144,7 @@ def _image_prompts(tokenizer):
 
 
 def test_kv_cache_generation_equals_recompute(tokenizer, tiny_cfg):
-    from model.chat import left_pad
+    from model.engine import left_pad
     model = MiniMindVLM(tiny_cfg()).eval()
     a, b = _image_prompts(tokenizer)
     ids, mask = left_pad([a, b])

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from model.checkpoint import CheckpointError, load_strict, save_checkpoint
-from model.dataset import LengthGroupedBatchSampler
+from trainer.data import LengthGroupedBatchSampler
 from model.model import MiniMindVLM
 from model.serving import InputError, TooLarge, open_image
-from model.vision_utils import to_rgb
+from model.vision import to_rgb
 from tests.bad_corpus import ERROR_KINDS, MAX_SEQ_LEN, image_files, make_bad_corpus
 from tests.conftest import ROOT
 from tests.served_model import QUESTION, Server

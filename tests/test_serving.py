@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from model.chat import IncrementalDecoder
+from model.engine import IncrementalDecoder
 from model.LMConfig import IMAGE_PLACEHOLDER
 from model.serving import ChatEngine, InputError, PromptTooLong, TooLarge, open_image
 from tests.served_model import COLOURS, FOLLOW_UP, QUESTION, colour_image, png_bytes

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from model.feature_cache import FeatureCache
-from model.vision_utils import (CLIP_MEAN, CLIP_STD, encode_images, load_vision_model, make_random_vision_model,
+from trainer.feature_cache import FeatureCache
+from model.vision import (CLIP_MEAN, CLIP_STD, encode_images, load_vision_model, make_random_vision_model,
                                 preprocess_image, vision_fingerprint)
 
 
@@ -89,7 +89,7 @@ def test_preprocess_matches_clip_normalisation():
 
 
 def test_feature_cache_roundtrip_and_keys(tmp_path):
-    from model.dataset import image_cache_key
+    from trainer.data import image_cache_key
     cache = FeatureCache(tmp_path / "c", "enc1")
     f = torch.randn(50, 768)
     cache.put("k1", f)
@@ -120,8 +120,8 @@ def test_fingerprint_follows_the_weights(tmp_path, random_tower):
 
 
 def test_cached_features_equal_fresh_ones_and_follow_the_file(tmp_path, random_tower):
-    from model.chat import features_for
-    from model.dataset import image_cache_key, load_image
+    from model.engine import features_for
+    from trainer.data import image_cache_key, load_image
     tower = load_vision_model(str(random_tower))
     paths = []
     for i, colour in enumerate(["red", "green", "blue"]):

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .data_check import ROLES, DataError, Problem, RecordError, check_record, image_paths, read_records
-from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
-from .vision_utils import MAX_IMAGE_PIXELS, BadImage, check_image_file, preprocess_image, read_image
+from model.LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
+from model.vision import MAX_IMAGE_PIXELS, BadImage, check_image_file, preprocess_image, read_image
 
 IGNORE_INDEX = -100
 DEFAULT_TOKENIZER = "model/minimind_tokenizer"

@@ -22,15 +22,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, atomic_write, load_strict, read_state_dict, resolve_checkpoint,
+from model.checkpoint import (CheckpointError, atomic_write, load_strict, read_state_dict, resolve_checkpoint,
                          save_checkpoint, sidecar_path)
 from .data_check import DataError, Problem, add_check_args, run_check
-from .dataset import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
+from .data import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
                       collate_images, image_cache_key, image_token_ids, load_tokenizer)
 from .feature_cache import FeatureCache
-from .LMConfig import LMConfig
-from .model import MiniMindVLM
-from .vision_utils import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, encode_images, load_vision_model,
+from model.LMConfig import LMConfig
+from model.model import MiniMindVLM
+from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, encode_images, load_vision_model,
                            vision_fingerprint)
 
 

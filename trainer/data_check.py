@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from .LMConfig import IMAGE_MARKER
+from model.LMConfig import IMAGE_MARKER
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -218,7 +218,7 @@ def inspect_image(path, max_pixels, decode=False):
     """(kind, detail) problems of one image file. Quick: the header (format, size; the pixel limit) and, for
     JPEG and PNG, the end-of-image marker at the end of the file; an image without it is decoded to tell a
     truncated file from trailing bytes. decode=True decodes every image, as training does."""
-    from .vision_utils import BadImage, open_image_header, read_image
+    from model.vision import BadImage, open_image_header, read_image
     found = []
     try:
         with open_image_header(path, f"image {path}", max_pixels) as im:
@@ -287,8 +287,8 @@ def scan(data_path, images_dir, tokenizer, max_seq_len, max_image_pixels=None, d
          progress=True) -> Report:
     """Every problem of a dataset: records, images (each unique file once), token lengths."""
     from tqdm import tqdm
-    from .dataset import measure_entries
-    from .vision_utils import MAX_IMAGE_PIXELS
+    from .data import measure_entries
+    from model.vision import MAX_IMAGE_PIXELS
     max_image_pixels = max_image_pixels or MAX_IMAGE_PIXELS
     entries, problems = read_records(data_path)
     good = []
@@ -325,14 +325,14 @@ def scan(data_path, images_dir, tokenizer, max_seq_len, max_image_pixels=None, d
 
 def add_check_args(parser):
     """Flags the standalone check shares with the training scripts."""
-    from .vision_utils import MAX_IMAGE_PIXELS
+    from model.vision import MAX_IMAGE_PIXELS
     parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="images with more pixels (width x height) are refused: a guard against decompression bombs")
 
 
 def run_check(args, full: bool, progress=True) -> int:
     """Scan, print the report, write all problems as JSON lines to args.report if given; the exit code."""
-    from .dataset import load_tokenizer
+    from .data import load_tokenizer
     report = scan(args.data_path, args.images_dir, load_tokenizer(args.tokenizer), args.max_seq_len,
                   args.max_image_pixels, decode=full, num_workers=args.num_workers, progress=progress)
     print(report.text(getattr(args, "show", 3)))
@@ -344,7 +344,7 @@ def run_check(args, full: bool, progress=True) -> int:
 
 
 def main(argv=None):
-    from .dataset import DEFAULT_TOKENIZER
+    from .data import DEFAULT_TOKENIZER
     class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)

@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
-from .vision_utils import encode_images
+from .vision import encode_images
 
 
 def build_prompt(tokenizer, messages):
