@@ -2,10 +2,14 @@
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
+# Each image is N_IMAGE_TOKENS tokens: the CLIP ViT-B/32 sequence at 224px, 7x7 patches + CLS.
+N_IMAGE_TOKENS = 50
 # The prompt marker that a dataset writes where the image goes, and the 50-character text that replaces it.
-# 50 = the CLIP ViT-B/32 sequence at 224px: 7x7 patches + CLS. Its 50 token ids are derived from the tokenizer.
 IMAGE_MARKER = "<image>"
-IMAGE_PLACEHOLDER = "<" * 25 + ">" * 25
+IMAGE_PLACEHOLDER = "<" * (N_IMAGE_TOKENS // 2) + ">" * (N_IMAGE_TOKENS // 2)
+# The ids MiniMind's tokenizer gives the placeholder (25 x '<', 25 x '>'), upstream v1's default. Training and
+# loading take them from the tokenizer in use (model/tokenizer.py) and refuse one that disagrees.
+UPSTREAM_IMAGE_IDS = [30] * (N_IMAGE_TOKENS // 2) + [32] * (N_IMAGE_TOKENS // 2)
 
 
 @dataclass
@@ -34,7 +38,7 @@ class LMConfig:
     # Vision side
     vision_dim: int = 768  # CLIP ViT-B/32 hidden size
     image_special_token: str = IMAGE_PLACEHOLDER
-    image_ids: List[int] = field(default_factory=list)  # token ids of image_special_token, set from the tokenizer
+    image_ids: List[int] = field(default_factory=lambda: list(UPSTREAM_IMAGE_IDS))  # ids of image_special_token
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -59,9 +63,3 @@ class LMConfig:
             raise ValueError(f"unknown LMConfig fields: {unknown}")
         return cls(**d)
 
-
-# The two released sizes (README "Model sizes").
-PRESETS = {
-    "minimind-v-v1-small": dict(dim=512, n_layers=8),
-    "minimind-v-v1": dict(dim=768, n_layers=16),
-}

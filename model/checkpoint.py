@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from .LMConfig import LMConfig
+from .model import MiniMindVLM
+from .tokenizer import image_token_ids
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth")
@@ -164,8 +166,6 @@ def _config(path, key) -> LMConfig:
 def load_vlm(ckpt_path, tokenizer, device="cpu"):
     """A MiniMindVLM from a .safetensors/.pth checkpoint (config from its sidecar JSON, else inferred from
     tensor shapes) or from a directory written by export_model.py."""
-    from trainer.data import image_token_ids
-    from .model import MiniMindVLM
     sd = read_state_dict(ckpt_path)
     image_ids = image_token_ids(tokenizer)
     if Path(ckpt_path).is_dir():  # export_model.py's directory: LMConfig inside config.json

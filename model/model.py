@@ -228,7 +228,7 @@ class MiniMindVLM(nn.Module):
         super().__init__()
         if len(cfg.image_ids) == 0:
             raise ValueError("LMConfig.image_ids is empty: set it from the tokenizer "
-                             "(model.chat.image_token_ids(tokenizer)) before building the model")
+                             "(model.tokenizer.image_token_ids(tokenizer)) before building the model")
         self.params = cfg  # upstream's attribute name
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)

@@ -7,7 +7,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from trainer.data import image_token_ids, load_tokenizer  # noqa: E402
+from model.tokenizer import image_token_ids, load_tokenizer  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
 
 

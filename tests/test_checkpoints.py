@@ -1,5 +1,18 @@
 """Checkpoints: safetensors by default, upstream-style .pth on request, atomic writes, upstream v1 files,
---keep_last, and --resume that continues a killed run to exactly the weights of one that never stopped."""
+--keep_last, and --resume that continues a killed run to exactly the weights of one that never stopped.
+
+- safetensors and .pth round trips keep both tied names and give exact logits.
+- A process killed (SIGKILL) between writing a checkpoint and renaming it leaves the previous file intact;
+  a truncated file is an error naming it.
+- Upstream v1 state dicts (27M and MoE, `_orig_mod.` prefixes, no sidecar) load with the right inferred
+  config and identical logits.
+- A run killed with SIGKILL (at an epoch boundary, then again inside an epoch after a resume) and resumed
+  ends with the weights of an uninterrupted run, and its loss log has each step once. SIGTERM saves at that
+  step, exits 143 and resumes to the same weights. A 1-rank run resumed on 2 gloo ranks maps its position
+  and finishes.
+- `--keep_last 2 --save_format pth` keeps exactly the last two step files; an offline wandb run directory
+  is created with the logged keys and the config.
+"""
 import json
 import os
 import signal
@@ -36,7 +49,7 @@ KILL_DURING_SAVE = """
 import os, signal, sys, torch
 sys.path.insert(0, {root!r})
 from model.checkpoint import save_checkpoint
-from trainer.data import image_token_ids, load_tokenizer
+from model.tokenizer import image_token_ids, load_tokenizer
 from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
 cfg = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, image_ids=image_token_ids(load_tokenizer({tok!r})))

@@ -1,14 +1,25 @@
-"""LLaVA records -> ids, labels, images; the collator."""
+"""LLaVA records -> ids, labels, images; the collator; length-grouped batches.
+
+- The loss falls on every answer of a multi-turn conversation, including </s>; the token ids equal the
+  chat template's rendering and the inference prompt.
+- Truncation drops whole turns and never cuts the placeholder; role-order errors.
+- JSON and JSONL loading, with line-numbered errors.
+- The dataset and collator: per-batch padding; missing images and marker/image count mismatches are found
+  when the file is read, with their lines.
+- Length-grouped batches visit every sample once per epoch, change order every epoch, cut padding (under
+  10% waste against over 50% for plain batches on the same lengths), and give the same global batches with
+  2 ranks, with 2 accumulation steps and with one process at twice the batch.
+"""
 import json
 import re
 
 import pytest
 from PIL import Image
 
-from model.engine import build_prompt
-from trainer.data_check import check_record, read_records
-from trainer.data import IGNORE_INDEX, VLMCollator, VLMDataset, conversation_to_messages, tokenize_conversation
-from model.LMConfig import IMAGE_PLACEHOLDER
+from model.LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
+from model.tokenizer import build_prompt
+from trainer.data import IGNORE_INDEX, VLMCollator, VLMDataset, tokenize_conversation
+from trainer.records import check_record, conversation_to_messages, read_records
 
 
 def rec(*turns, image="a.png", id_="r0"):
@@ -35,13 +46,14 @@ def test_multi_turn_loss_on_every_answer(tokenizer):
     r = rec("<image>\nWhat colour?", "red", "And the shape?", "a big circle")
     ids, labels = tokenize_conversation(tokenizer, conversation_to_messages(r), 640)
     assert decode_labelled(tokenizer, ids, labels) == ["red</s>", "a big circle</s>"]
-    # the ids are exactly the chat template's rendering of the whole conversation
-    msgs = conversation_to_messages(r)
+    # the ids are exactly the chat template's rendering of the whole conversation (the template itself does
+    # not know the image marker: it gets the placeholder text)
+    msgs = [dict(m, content=m["content"].replace(IMAGE_MARKER, IMAGE_PLACEHOLDER)) for m in conversation_to_messages(r)]
     full = tokenizer.apply_chat_template(msgs, tokenize=False)
     assert ids == tokenizer(full, add_special_tokens=False).input_ids
     assert full.count(IMAGE_PLACEHOLDER) == 1
     # and inference builds the same prompt prefix
-    prompt = build_prompt(tokenizer, [{"role": "user", "content": "<image>\nWhat colour?"}])
+    prompt = build_prompt([{"role": "user", "content": "<image>\nWhat colour?"}])
     assert full.startswith(prompt)
 
 

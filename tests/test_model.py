@@ -1,12 +1,27 @@
-"""The decoder, the splice and generation."""
+"""The decoder, the splice and generation.
+
+- Both released sizes have exactly upstream v1's parameter names, shapes and counts (27,272,192 and
+  109,340,160), tied embeddings and no saved buffers; MoE parameter names, auxiliary loss and gradients;
+  config inference from tensor shapes.
+- The splice replaces exactly the placeholder positions, images in order, text untouched; batches mix rows
+  with and without images; a mismatch between placeholders and images is an error with a clear message; an
+  incomplete placeholder stays text.
+- The loss ignores -100 labels, and the loss-only output path gives the same loss and gradients.
+- Generation: KV-cached equals recomputation, left padding does not change a row's answer, each row stops
+  at </s>; the repetition penalty on negative logits; top-k and top-p; the KV cache is written in place
+  (same storage before and after a step, logits equal to a full forward) and refuses to overflow.
+- Strict loading names missing, unexpected and mis-shaped keys; `_orig_mod.` prefixes are stripped and a
+  checkpoint that would run code is refused.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import infer_config, load_strict
+from model.checkpoint import CheckpointError, infer_config, load_strict, load_vlm, save_checkpoint
 from model.LMConfig import IMAGE_PLACEHOLDER, LMConfig
 from model.model import MiniMindVLM, sample_next_token
+from model.tokenizer import image_token_ids
 
 
 def upstream_v1_keys(n_layers, use_moe=False, n_experts=4):
@@ -41,6 +56,19 @@ def test_released_sizes_names_shapes_counts(image_ids, dim, n_layers, expected):
     assert sd["output.weight"].data_ptr() == sd["tok_embeddings.weight"].data_ptr()  # tied
     buffers = {n for n, _ in model.named_buffers()}
     assert buffers and not buffers & set(sd)  # RoPE tables and image ids are not saved
+
+
+def test_default_config_builds_like_upstream(tokenizer, tmp_path):
+    """MiniMindVLM(LMConfig(dim=512, n_layers=8)) builds, as upstream's does: the placeholder ids default to
+    upstream v1's, which the shipped tokenizer gives too; a checkpoint whose ids the tokenizer does not give
+    is refused with a message that says so."""
+    cfg = LMConfig(dim=512, n_layers=8)
+    assert cfg.image_ids == [30] * 25 + [32] * 25 == image_token_ids(tokenizer)
+    assert MiniMindVLM(cfg).num_parameters() == 27_272_192
+    other = LMConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, image_ids=[7] * 50)
+    save_checkpoint(MiniMindVLM(other), tmp_path / "m.safetensors", other)
+    with pytest.raises(CheckpointError, match=r"placeholder ids \[7\]x50.*use the tokenizer it was trained with"):
+        load_vlm(str(tmp_path / "m.safetensors"), tokenizer)
 
 
 def test_moe_names_and_training_step(image_ids):
