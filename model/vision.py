@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .LMConfig import N_IMAGE_TOKENS
+
 DEFAULT_VISION_MODEL = "model/clip_model/clip-vit-base-patch32"
 CLIP_DOWNLOAD_HINT = (
     "Download openai/clip-vit-base-patch32 into that directory, e.g.\n"
@@ -23,7 +25,6 @@ CLIP_DOWNLOAD_HINT = (
 IMAGE_SIZE = 224
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-N_IMAGE_TOKENS = 50  # (224 / 32)^2 patches + CLS
 
 
 def _vision_config_from_dir(path: Path):
@@ -104,7 +105,7 @@ IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
 
 
 class BadImage(ValueError):
-    """An image that cannot be used. `kind` names the problem (one of model.data_check.PROBLEMS); the message
+    """An image that cannot be used. `kind` names the problem (one of trainer.records.PROBLEMS); the message
     says what is wrong with which file and is safe to show to whoever sent it."""
 
     def __init__(self, kind: str, message: str):
@@ -199,6 +200,11 @@ def preprocess_image(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(x.transpose(2, 0, 1).copy())
 
 
+def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """(3, 224, 224) pixels of an image file, or BadImage saying what is wrong with it."""
+    return preprocess_image(read_image(path, f"image {path}", max_pixels))
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU computes bf16 matmuls natively (AMX or AVX512-BF16). Without them PyTorch emulates
     bf16 and a bf16 matmul runs ~100x slower than fp32 (measured on an AVX2-only AMD EPYC: 0.9 vs 112 GFLOP/s)."""
@@ -235,6 +241,25 @@ def encode_images(vision_model, pixel_values: torch.Tensor, dtype=None) -> torch
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         features = vision_model(pixel_values=pixel_values).last_hidden_state
     return features.float()
+
+
+def pixels_of(images) -> torch.Tensor:
+    """(n, 3, 224, 224) pixels of a list of PIL images (see preprocess_image)."""
+    return torch.stack([preprocess_image(im) for im in images])
+
+
+def cached_features(vision_model, keys, cache, new_keys=(), new_pixels=None, dtype=None) -> torch.Tensor:
+    """(len(keys), 50, 768) features of the images named by `keys`, through a feature cache (anything with
+    `in`, get and put, such as trainer/feature_cache.py's): each of `new_pixels` (aligned with `new_keys`)
+    whose key is not cached yet is encoded and added; then every feature is read from the cache, fp16 as it
+    stores them (kept aside as such if the cache had no room for it)."""
+    fresh = {}
+    todo = [i for i, k in enumerate(new_keys) if k not in cache]
+    if todo:
+        for i, f in zip(todo, encode_images(vision_model, new_pixels[todo], dtype)):
+            cache.put(new_keys[i], f)
+            fresh[new_keys[i]] = f.to("cpu", torch.float16)
+    return torch.stack([cache.get(k) if k in cache else fresh[k] for k in keys]).float()
 
 
 def vision_fingerprint(path: str) -> str:

@@ -1,4 +1,7 @@
-"""Tests for scripts/make_demo_data.py (tiny generated sets only)."""
+"""scripts/make_demo_data.py on tiny generated sets: records parse and their images exist (224x224 RGB
+JPEG); file names hide the labels; held-out images never appear in training; SFT answers and captions match
+the drawn colour and shape; the metadata; the output is deterministic per seed.
+"""
 
 import hashlib
 import importlib.util

@@ -1,4 +1,12 @@
-"""Loading the CLIP tower from local directories, preprocessing, encoding, the feature cache."""
+"""Loading the CLIP tower from local directories, preprocessing, encoding, the feature cache.
+
+- Strict loading of a CLIP directory (a full CLIPModel or a vision-only one) and clear errors for a missing
+  or mismatched one; preprocessing matches CLIPProcessor.
+- The feature cache: entries are shared across instances, namespaced by encoder and keyed by file; cached
+  features equal freshly encoded ones (to fp16 precision); a changed image is not served from the cache.
+- The encoder fingerprint follows the weight bytes: a copy shares it, a touch keeps it, one flipped bit
+  changes it.
+"""
 import json
 import os
 
@@ -89,7 +97,7 @@ def test_preprocess_matches_clip_normalisation():
 
 
 def test_feature_cache_roundtrip_and_keys(tmp_path):
-    from trainer.data import image_cache_key
+    from trainer.feature_cache import image_cache_key
     cache = FeatureCache(tmp_path / "c", "enc1")
     f = torch.randn(50, 768)
     cache.put("k1", f)
@@ -120,8 +128,8 @@ def test_fingerprint_follows_the_weights(tmp_path, random_tower):
 
 
 def test_cached_features_equal_fresh_ones_and_follow_the_file(tmp_path, random_tower):
-    from model.engine import features_for
-    from trainer.data import image_cache_key, load_image
+    from model.vision import cached_features, load_image
+    from trainer.feature_cache import image_cache_key
     tower = load_vision_model(str(random_tower))
     paths = []
     for i, colour in enumerate(["red", "green", "blue"]):
@@ -130,9 +138,9 @@ def test_cached_features_equal_fresh_ones_and_follow_the_file(tmp_path, random_t
     pixels = torch.stack([load_image(p) for p in paths])
     cache = FeatureCache(tmp_path / "cache", vision_fingerprint(str(random_tower)))
     keys = [image_cache_key(p) for p in paths]
-    first = features_for(tower, pixels, None, cache, keys)
+    first = cached_features(tower, keys, cache, keys, pixels)
     assert (cache.hits, cache.misses) == (3, 3)  # encoded once, then read back
-    again = features_for(tower, pixels, None, FeatureCache(tmp_path / "cache", cache.dir.name), keys)
+    again = cached_features(tower, keys, FeatureCache(tmp_path / "cache", cache.dir.name), keys, pixels)
     fresh = encode_images(tower, pixels)
     assert torch.equal(first, again)
     assert torch.allclose(again, fresh, rtol=1e-3, atol=1e-2)  # fp16 storage of fp32 features

@@ -1,76 +1,23 @@
-"""LLaVA-format image/conversation data -> token ids, loss labels and image pixels (or cached features).
+"""LLaVA-format records (trainer/records.py) -> token ids, loss labels and image pixels (or cached features).
 
-A record (JSON list or JSON-lines file):
-    {"id": "...", "image": "a.jpg" (or ["a.jpg", "b.jpg"]),
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}
 Each `<image>` in the text becomes the 50-token placeholder whose embeddings the model replaces with the
 projected CLIP tokens of the corresponding image. Loss is on every assistant answer and its closing `</s>`.
 Images are decoded here, inside DataLoader workers; the frozen encoder runs in the training process.
 """
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .data_check import ROLES, DataError, Problem, RecordError, check_record, image_paths, read_records
-from model.LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
-from model.vision import MAX_IMAGE_PIXELS, BadImage, check_image_file, preprocess_image, read_image
+from model.LMConfig import IMAGE_PLACEHOLDER
+from model.tokenizer import ANSWER_END, ChatFormatError, image_token_ids, split_turns, turn_texts
+from model.vision import MAX_IMAGE_PIXELS, BadImage, load_image
+
+from .feature_cache import image_cache_key
+from .records import (DataError, Problem, RecordError, check_records, conversation_to_messages, image_paths,
+                      read_records)
 
 IGNORE_INDEX = -100
-DEFAULT_TOKENIZER = "model/minimind_tokenizer"
-
-
-def load_tokenizer(path: str = DEFAULT_TOKENIZER):
-    from transformers import AutoTokenizer
-    if not Path(path, "tokenizer.json").is_file() and not Path(path, "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json and tokenizer_config.json "
-                                "(train one with scripts/train_tokenizer.py, or copy upstream's minimind_tokenizer)")
-    return AutoTokenizer.from_pretrained(path)
-
-
-def image_token_ids(tokenizer) -> list:
-    """The ids the placeholder tokenizes to. They must be 50 (one per CLIP token) or the splice cannot work."""
-    ids = tokenizer(IMAGE_PLACEHOLDER, add_special_tokens=False).input_ids
-    if len(ids) != 50:
-        raise ValueError(f"the tokenizer encodes the image placeholder to {len(ids)} ids, not 50: "
-                         "it must not merge '<' or '>' (see scripts/train_tokenizer.py)")
-    return ids
-
-
-def conversation_to_messages(rec):
-    return [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_MARKER, IMAGE_PLACEHOLDER)}
-            for t in rec["conversations"]]
-
-
-def split_turns(messages):
-    """(system text, [(question, answer), ...]) of a chat, or RecordError('role_order')."""
-    system, turns, pending = "", [], None
-    for m in messages:
-        if m["role"] == "system":
-            system += f"<s>system\n{m['content']}</s>\n"
-        elif m["role"] == "user":
-            if pending is not None:
-                raise RecordError("role_order", "two user turns in a row")
-            pending = m["content"]
-        else:
-            if pending is None:
-                raise RecordError("role_order", "an assistant turn without a user turn before it")
-            turns.append((pending, m["content"]))
-            pending = None
-    if not turns:
-        raise RecordError("role_order", "no (user, assistant) pair")
-    return system, turns
-
-
-def turn_texts(system, turns) -> list:
-    """The chat as the tokenizer's template renders it, in pieces: [prompt 0, reply 0, prompt 1, reply 1, ...]
-    where prompt k = [<s>system\n..</s>\n] <s>user\n{q}</s>\n<s>assistant\n and reply k = {a}</s>."""
-    texts = []
-    for k, (question, answer) in enumerate(turns):
-        texts += [(system if k == 0 else "") + f"<s>user\n{question}</s>\n<s>assistant\n", f"{answer}</s>"]
-    return texts
 
 
 def assemble(pieces, newline, max_seq_len):
@@ -96,14 +43,16 @@ def assemble(pieces, newline, max_seq_len):
 
 
 def encode_chat(tokenizer, messages, max_seq_len: int):
-    """(ids, labels, images kept) of a chat (see turn_texts and assemble). The images of left-out turns go
-    with them: markers are in order, so the kept images are the first ones."""
-    system, turns = split_turns(messages)
-    pieces = tokenizer(turn_texts(system, turns), add_special_tokens=False).input_ids
-    ids, labels, kept, _ = assemble(pieces, tokenizer("\n", add_special_tokens=False).input_ids, max_seq_len)
-    n_images = system.count(IMAGE_PLACEHOLDER) + sum(q.count(IMAGE_PLACEHOLDER) + a.count(IMAGE_PLACEHOLDER)
-                                                     for q, a in turns[:kept])
-    return ids, labels, n_images
+    """(ids, labels, images kept) of a chat, rendered by model/tokenizer.py (see assemble). The images of
+    left-out turns go with them: placeholders are in order, so the kept images are the first ones."""
+    try:
+        system, turns = split_turns(messages)
+    except ChatFormatError as e:
+        raise RecordError("role_order", str(e)) from None
+    texts = turn_texts(system, turns)
+    pieces = tokenizer(texts, add_special_tokens=False).input_ids
+    ids, labels, kept, _ = assemble(pieces, tokenizer(ANSWER_END, add_special_tokens=False).input_ids, max_seq_len)
+    return ids, labels, sum(t.count(IMAGE_PLACEHOLDER) for t in texts[:2 * kept])
 
 
 def tokenize_conversation(tokenizer, messages, max_seq_len: int, where: str = "record"):
@@ -120,7 +69,7 @@ def conversation_lengths(tokenizer, records, max_seq_len, progress=False, chunk=
     with status 'ok', 'truncated' (later turns left out), 'answer_cut' (the first answer cut to fit) or
     'too_long' (the first prompt does not fit: tokens is its length). Text is tokenized in large batches: one pass, fast."""
     from tqdm import tqdm
-    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    newline = tokenizer(ANSWER_END, add_special_tokens=False).input_ids
     out = []
     for start in tqdm(range(0, len(records), chunk), desc="measuring token lengths", disable=not progress,
                       unit="chunk"):
@@ -167,23 +116,11 @@ def measure_entries(tokenizer, entries, file, max_seq_len, progress=False):
     return kept, lengths, problems
 
 
-def image_cache_key(path: str) -> str:
-    """Feature-cache key of an image file: its absolute path, size and modification time."""
-    import hashlib
-    st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-
-
-def load_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """(3, 224, 224) pixels of an image file, or BadImage saying what is wrong with it."""
-    return preprocess_image(read_image(path, f"image {path}", max_pixels))
-
-
 class VLMDataset(Dataset):
     """The usable records of a dataset file. Per sample: input_ids, labels, image_keys and, for images whose
     features are not in the on-disk feature cache yet, their preprocessed pixels.
 
-    Reading the file finds every record problem that needs no image decoding (model/data_check.py): bad JSON,
+    Reading the file finds every record problem that needs no image decoding (trainer/records.py): bad JSON,
     structure, roles, markers, missing or empty image files, a first turn over max_seq_len. They are in
     `problems` (with the notes), and those records are not samples. An image that turns out bad when decoded
     makes its sample {"index": i, "problem": Problem} instead of raising: the collator sets it aside and the
@@ -198,24 +135,11 @@ class VLMDataset(Dataset):
         entries, self.problems = read_records(self.data_path)
         if not entries and not self.problems:
             raise DataError([], f"{self.data_path}: no records")
-        checked = []
-        for e in entries:
-            found = check_record(e, self.data_path) or self._file_problems(e)
-            self.problems += found
-            if not found:
-                checked.append(e)
+        checked, found = check_records(entries, self.data_path, images_dir)
+        self.problems += found
         self.entries, self.lengths, length_problems = measure_entries(tokenizer, checked, self.data_path,
                                                                       max_seq_len, progress)
         self.problems += length_problems
-
-    def _file_problems(self, e):
-        """Missing or empty image files: found with a stat, before any decoding."""
-        try:
-            for p in image_paths(e.record, self.images_dir):
-                check_image_file(p, f"image {p}")
-        except BadImage as err:
-            return [Problem(err.kind, self.data_path, e.line, e.id, str(err))]
-        return []
 
     def keep(self, indices):
         """Only these samples from now on (records whose images turned out bad are left out)."""

@@ -6,11 +6,18 @@ pickle), so later epochs, later runs, the SFT stage after pretraining and DDP ra
 changed encoder (weights or preprocessing) has another fingerprint; a changed image file has another key
 (path, size, mtime): stale entries are never read.
 """
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def image_cache_key(path: str) -> str:
+    """Feature-cache key of an image file: its absolute path, size and modification time."""
+    st = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
 
 class FeatureCache:
