@@ -17,33 +17,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from model.engine import build_prompt, features_for, generate_batch, stream_text
-from model.checkpoint import load_vlm, resolve_checkpoint
-from model.checkpoint import CheckpointError
-from trainer.data_check import (ROLES, DataError, Problem, RecordError, add_check_args, check_record, image_paths,
-                              read_records)
-from trainer.data import DEFAULT_TOKENIZER, image_cache_key, load_image, load_tokenizer
-from trainer.feature_cache import FeatureCache
+from model.checkpoint import CheckpointError, resolve_checkpoint
+from model.cli import HelpFormatter, add_max_image_pixels, add_model_args
+from model.engine import ChatEngine, InputError, PromptTooLong
 from model.LMConfig import IMAGE_MARKER
-from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, load_vision_model,
-                                preprocess_image, vision_fingerprint)
+from model.vision import BadImage, load_image, preprocess_image, vision_fingerprint
+from trainer.feature_cache import FeatureCache, image_cache_key
+from trainer.records import DataError, Problem, check_records, conversation_to_messages, image_paths, read_records
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(p, ckpt_default=None, ckpt_help="checkpoint .safetensors or .pth, a stem, or an export directory "
+                                                   "(None: out/{dim}[_moe]_vlm_{sft|pretrain})")
     a = p.add_argument
-    a("--ckpt", default=None, help="checkpoint .safetensors or .pth (None: out/{dim}[_moe]_vlm_{sft|pretrain})")
     a("--dim", type=int, default=512, help="picks the default --ckpt")
     a("--use_moe", action="store_true", help="picks the default --ckpt")
     a("--model_mode", type=int, default=1, choices=[0, 1], help="picks the default --ckpt: 0 pretrain, 1 sft")
-    a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory")
-    a("--tokenizer", default=DEFAULT_TOKENIZER)
-    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="image encoder autocast")
     a("--image_dir", default="dataset/eval_images", help="chat mode: answer --prompt for every image here")
     a("--prompt", default="<image>\nDescribe this image.", help="chat mode question ('<image>' marks the image)")
     a("--interactive", action="store_true", help="type questions about --image (multi-turn)")
@@ -56,16 +48,16 @@ def parse_args(argv=None):
     a("--batch_size", type=int, default=32, help="batch mode: prompts generated together")
     a("--limit", type=int, default=0, help="batch mode: only the first N records (0: all)")
     a("--feature_cache", default="out/feature_cache", help="batch mode: image feature cache ('' to disable)")
-    a("--max_new_tokens", type=int, default=256)
+    a("--max_new_tokens", type=int, default=256, help="longest answer, in tokens")
     a("--temperature", type=float, default=None, help="None: 0.65 in chat modes, 0 (greedy) in batch mode")
-    a("--top_k", type=int, default=None)
-    a("--top_p", type=float, default=0.85)
-    a("--repetition_penalty", type=float, default=1.0)
-    a("--seed", type=int, default=0)
+    a("--top_k", type=int, default=None, help="sample from the k likeliest tokens only (None: off)")
+    a("--top_p", type=float, default=0.85, help="sample from the smallest set of tokens with this probability")
+    a("--repetition_penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely")
+    a("--seed", type=int, default=0, help="random seed of sampled answers")
     a("--on_bad_sample", choices=["error", "skip"], default="error",
       help="batch mode: a bad record or image stops the run with a message naming it (error), or is written to "
            "the predictions file with its error and left out of the score (skip)")
-    add_check_args(p)  # --max_image_pixels
+    add_max_image_pixels(p)
     return p.parse_args(argv)
 
 
@@ -79,24 +71,17 @@ def sampling(args, batch_mode):
                 repetition_penalty=args.repetition_penalty)
 
 
-def to_messages(turns):
-    return [{"role": ROLES[t["from"]], "content": t["value"]} for t in turns]
-
-
-def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
+def run_batch(args, engine):
     entries, problems = read_records(args.data_path)
     entries = entries[:args.limit] if args.limit else entries
-    good = []
-    for e in entries:
-        found = check_record(e, args.data_path)  # also: every record ends with an answer to score against
-        problems += found
-        good += [] if found else [e]
+    good, found = check_records(entries, args.data_path)  # also: every record ends with an answer to score against
+    problems += found
     if problems and args.on_bad_sample == "error":
         raise DataError(problems, f"{len(problems)} bad record(s); fix them or pass --on_bad_sample skip")
     cache = None
     if args.feature_cache and args.control == "none":
         cache = FeatureCache(args.feature_cache, vision_fingerprint(args.vision_model))
-    grey = features_for(vision_model, grey_pixels()[None], dtype)[0] if args.control == "blank" else None
+    grey = engine.image_features(grey_pixels()[None])[0] if args.control == "blank" else None
     out_path = args.out or os.path.splitext(args.ckpt)[0] + f"_preds{'_blank' if grey is not None else ''}.jsonl"
     n = exact = contains = 0
     skipped = []
@@ -112,14 +97,10 @@ def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
         for start in tqdm(range(0, len(good), args.batch_size), desc="evaluating", unit="batch"):
             chunk, prompts, feats, refs = [], [], [], []
             for e in good[start:start + args.batch_size]:
-                turns = e.record["conversations"]
-                prompt = build_prompt(tokenizer, to_messages(turns[:-1]))
-                n_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+                messages = conversation_to_messages(e.record)
+                paths = image_paths(e.record, args.images_dir)
                 try:
-                    if n_tokens >= max_seq_len:
-                        raise RecordError("too_long", f"the prompt is {n_tokens} tokens (50 per image); the model "
-                                                   f"reads at most {max_seq_len - 1} before answering")
-                    paths = image_paths(e.record, args.images_dir)
+                    ids = engine.prepare(messages[:-1], len(paths))
                     if not paths:
                         f = None
                     elif grey is not None:
@@ -127,9 +108,15 @@ def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
                     else:
                         pixels = torch.stack([load_image(p, args.max_image_pixels) for p in paths])
                         keys = [image_cache_key(p) for p in paths] if cache is not None else None
-                        f = features_for(vision_model, pixels, dtype, cache, keys)
-                except (BadImage, RecordError) as err:
-                    problem = Problem(err.kind, args.data_path, e.line, e.id, str(err))
+                        f = engine.image_features(pixels, keys, cache)
+                except PromptTooLong as err:
+                    problem = Problem("too_long", args.data_path, e.line, e.id, f"the prompt is {err.n_tokens} tokens "
+                                      f"(50 per image); the model reads at most {err.limit} before answering")
+                except (BadImage, InputError) as err:  # InputError: a placeholder run typed in a record's text
+                    problem = Problem(getattr(err, "kind", "image_count"), args.data_path, e.line, e.id, str(err))
+                else:
+                    problem = None
+                if problem is not None:
                     if args.on_bad_sample == "error":
                         fout.flush()
                         raise DataError([problem], f"bad record (predictions so far are in {out_path}; fix it or "
@@ -137,10 +124,10 @@ def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
                     skip(fout, problem)
                     continue
                 chunk.append(e)
-                prompts.append(prompt)
+                prompts.append(ids)
                 feats.append(f)
-                refs.append(turns[-1]["value"].strip())
-            answers = generate_batch(model, tokenizer, prompts, feats, device, **sampling(args, True)) if chunk else []
+                refs.append(messages[-1]["content"].strip())
+            answers = engine.answer_batch(prompts, feats, **sampling(args, True)) if chunk else []
             for e, ref, ans in zip(chunk, refs, answers):
                 hit, has = ans == ref, ref.lower() in ans.lower()
                 n, exact, contains = n + 1, exact + hit, contains + has
@@ -155,31 +142,38 @@ def run_batch(args, model, tokenizer, vision_model, dtype, device, max_seq_len):
                       "skipped": len(skipped)}))
 
 
-def image_features_of(path, vision_model, dtype, control, max_pixels):
+def image_features_of(engine, path, control, max_pixels):
     pixels = grey_pixels() if control == "blank" else load_image(path, max_pixels)
-    return features_for(vision_model, pixels[None], dtype)
+    return engine.image_features(pixels[None])
 
 
-def run_gallery(args, model, tokenizer, vision_model, dtype, device):
+def stream_answer(engine, args, messages, feats) -> str:
+    """Print the answer as it is generated; return it."""
+    print("🤖: ", end="", flush=True)
+    answer = ""
+    for piece in engine.generate(messages, feats, seed=args.seed, **sampling(args, False)):
+        answer += piece
+        print(piece, end="", flush=True)
+    return answer
+
+
+def run_gallery(args, engine):
     files = sorted(f for f in os.listdir(args.image_dir) if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise SystemExit(f"no images in {args.image_dir}")
     prompt = args.prompt if IMAGE_MARKER in args.prompt else f"{IMAGE_MARKER}\n{args.prompt}"
-    text = build_prompt(tokenizer, [{"role": "user", "content": prompt}])
     for f in files:
         try:
-            feats = image_features_of(os.path.join(args.image_dir, f), vision_model, dtype, args.control,
-                                      args.max_image_pixels)
+            feats = image_features_of(engine, os.path.join(args.image_dir, f), args.control, args.max_image_pixels)
         except BadImage as e:
             print(f"[{f}] skipped: {e}\n")
             continue
-        print(f"[{f}] {prompt.replace(IMAGE_MARKER, '').strip()}\n🤖: ", end="", flush=True)
-        for piece in stream_text(model, tokenizer, text, feats, device, **sampling(args, False)):
-            print(piece, end="", flush=True)
+        print(f"[{f}] {prompt.replace(IMAGE_MARKER, '').strip()}")
+        stream_answer(engine, args, [{"role": "user", "content": prompt}], feats)
         print("\n")
 
 
-def run_interactive(args, model, tokenizer, vision_model, dtype, device):
+def run_interactive(args, engine):
     image = args.image
     if image is None:
         files = sorted(f for f in os.listdir(args.image_dir) if f.lower().endswith(IMAGE_EXTS))
@@ -189,7 +183,7 @@ def run_interactive(args, model, tokenizer, vision_model, dtype, device):
     while True:
         if feats is None and image:
             try:
-                feats = image_features_of(image, vision_model, dtype, args.control, args.max_image_pixels)
+                feats = image_features_of(engine, image, args.control, args.max_image_pixels)
                 print(f"[image: {image}]")
             except BadImage as e:
                 print(f"cannot use it: {e}. /image PATH picks another; questions go without an image.")
@@ -210,12 +204,12 @@ def run_interactive(args, model, tokenizer, vision_model, dtype, device):
             continue
         content = q if history or feats is None else f"{IMAGE_MARKER}\n{q}"
         history.append({"role": "user", "content": content})
-        print("🤖: ", end="", flush=True)
-        answer = ""
-        for piece in stream_text(model, tokenizer, build_prompt(tokenizer, history), feats, device,
-                                 **sampling(args, False)):
-            answer += piece
-            print(piece, end="", flush=True)
+        try:
+            answer = stream_answer(engine, args, history, feats)
+        except InputError as e:  # e.g. the conversation outgrew the context
+            history.pop()
+            print(f"cannot answer: {e}")
+            continue
         print()
         history.append({"role": "assistant", "content": answer})
 
@@ -224,29 +218,25 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         chat(args)
-    except (DataError, CheckpointError, BadImage, FileNotFoundError) as e:
+    except (DataError, CheckpointError, BadImage, FileNotFoundError, InputError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
 def chat(args):
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     if args.ckpt is None:
         moe = "_moe" if args.use_moe else ""
         args.ckpt = f"out/{args.dim}{moe}_vlm_{'sft' if args.model_mode == 1 else 'pretrain'}"
+    engine = ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype)
     args.ckpt = resolve_checkpoint(args.ckpt)
-    tokenizer = load_tokenizer(args.tokenizer)
-    model, cfg = load_vlm(args.ckpt, tokenizer, device)
-    vision_model = load_vision_model(args.vision_model, device)
-    dtype = autocast_dtype(device.type, args.dtype)
-    print(f"MiniMind-V {args.ckpt}: {model.num_parameters() / 1e6:.2f}M parameters "
-          f"(dim {cfg.dim}, {cfg.n_layers} layers)", file=sys.stderr)
+    print(f"MiniMind-V {args.ckpt}: {engine.model.num_parameters() / 1e6:.2f}M parameters "
+          f"(dim {engine.cfg.dim}, {engine.cfg.n_layers} layers)", file=sys.stderr)
     if args.data_path:
-        run_batch(args, model, tokenizer, vision_model, dtype, device, cfg.max_seq_len)
+        run_batch(args, engine)
     elif args.interactive:
-        run_interactive(args, model, tokenizer, vision_model, dtype, device)
+        run_interactive(args, engine)
     else:
-        run_gallery(args, model, tokenizer, vision_model, dtype, device)
+        run_gallery(args, engine)
 
 
 if __name__ == "__main__":

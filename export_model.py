@@ -24,20 +24,17 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
-from trainer.data import DEFAULT_TOKENIZER, load_tokenizer
+from model.cli import HelpFormatter, add_model_args
+from model.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from model.vision import DEFAULT_VISION_MODEL
 
-CODE_FILES = ("modeling_minimind_v.py", "model.py", "LMConfig.py", "vision.py", "engine.py")
+MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    p.add_argument("--ckpt", default="out/512_vlm_sft", help="checkpoint to export (.safetensors, .pth, or a stem)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_model_args(p, ckpt_help="checkpoint to export (.safetensors, .pth, or a stem)", runtime=False)
     p.add_argument("--out", required=True, help="directory to write (created; existing files are replaced)")
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="the tokenizer the checkpoint was trained with")
-    p.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="CLIP ViT-B/32 directory the model uses")
     p.add_argument("--copy_vision", action="store_true", help="copy the CLIP tower into the export (else: its path)")
     return p.parse_args(argv)
 
@@ -50,9 +47,8 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
         raise SystemExit(f"CLIP directory {vision_model} does not exist (pass --vision_model)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    here = Path(__file__).resolve().parent / "model"
-    for name in CODE_FILES:
-        shutil.copyfile(here / name, out / name)
+    for code in MODEL_DIR.glob("*.py"):  # model/ imports nothing outside itself: it ships as it is
+        shutil.copyfile(code, out / code.name)
     tokenizer.save_pretrained(out)
     if copy_vision:
         shutil.copytree(vision_model, out / "vision", dirs_exist_ok=True)

@@ -28,16 +28,16 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.serving import InputError, PromptTooLong, TooLarge, add_serving_args, load_engine, open_image  # noqa: E402
+from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
+from model.engine import MAX_IMAGE_BYTES, InputError, PromptTooLong, TooLarge, open_image  # noqa: E402
+from model.vision import MAX_IMAGE_PIXELS  # noqa: E402
 
 MAX_REQUEST_BYTES = 16 * 2 ** 20
 DEFAULTS = dict(temperature=0.65, top_p=0.85, max_tokens=256)  # the model's chat defaults, used when absent
 
 
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_serving_args(p, default_port=8998)
     p.add_argument("--max_request_bytes", type=int, default=MAX_REQUEST_BYTES, help="largest request body")
     return p.parse_args(argv)
@@ -130,7 +130,6 @@ def parse_messages(body, limits):
 
 
 def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None, max_image_pixels=None):
-    from model.serving import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
     limits = (max_image_bytes or MAX_IMAGE_BYTES, max_image_pixels or MAX_IMAGE_PIXELS)
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None)
     created = int(time.time())

@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.serving import InputError, add_serving_args, load_engine, open_image  # noqa: E402
+from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
+from model.engine import InputError, open_image  # noqa: E402
 
 EXAMPLE_IMAGES_DIR = "dataset/eval_images"
 EXAMPLE_QUESTIONS = ["Describe this image.", "What colour is the shape?", "What shape is it?",
@@ -31,9 +32,7 @@ CSS = "#status p { color: #c62828; font-weight: 600; margin: 0; }"
 
 
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_serving_args(p, default_port=7788)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--examples_dir", default=EXAMPLE_IMAGES_DIR, help="example images shown under the upload")
@@ -42,7 +41,7 @@ def parse_args(argv=None):
 
 
 def image_input(max_bytes, max_pixels, **kwargs):
-    """A gr.Image whose upload is decoded by model.serving.open_image (size, pixel and format checks) instead of
+    """A gr.Image whose upload is decoded by model.engine.open_image (size, pixel and format checks) instead of
     Gradio's own PIL call, so a bad file becomes a message in the page rather than an unexplained 'Error'.
     Its value in a handler is an RGB PIL image, or the InputError that says what was wrong. (The instance's
     preprocess is replaced rather than subclassing: Gradio writes a .pyi file beside any component subclass.)"""

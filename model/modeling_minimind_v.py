@@ -1,11 +1,11 @@
-"""MiniMind-V for the Hugging Face Auto classes. export_model.py copies this file, model.py, LMConfig.py,
-vision_utils.py and chat.py into an exported directory, so that
+"""MiniMind-V for the Hugging Face Auto classes. export_model.py copies model/ (which imports nothing outside
+itself) into an exported directory, so that
 
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 
 builds the same MiniMindVLM (as `model.model`) with the same weights. `generate` takes PIL images (encoded
 by the CLIP tower the export points to) or ready `image_features`; `chat` wraps prompt building and
-decoding for one question about one image.
+decoding for one question about one image, through the repository's one inference engine (engine.py).
 """
 import os
 from typing import Optional
@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .engine import build_prompt
+from .engine import ChatEngine
 from .LMConfig import IMAGE_MARKER, LMConfig
 from .model import MiniMindVLM
+from .vision import encode_images, load_vision_model, pixels_of
 
 
 class MiniMindVConfig(PretrainedConfig):
@@ -58,7 +59,6 @@ class MiniMindVForCausalLM(PreTrainedModel):
     def vision_tower(self):
         """The frozen CLIP tower the export points to (a copy inside the export, or a path), loaded once."""
         if self._vision is None:
-            from .vision import load_vision_model
             path = self.config.vision_model
             if not os.path.isabs(path) and getattr(self, "_export_dir", None):
                 path = os.path.join(self._export_dir, path)
@@ -68,8 +68,7 @@ class MiniMindVForCausalLM(PreTrainedModel):
     @torch.no_grad()
     def encode_images(self, images):
         """(n, 50, 768) features for a list of PIL images."""
-        from .vision import encode_images, preprocess_image
-        return encode_images(self.vision_tower(), torch.stack([preprocess_image(im) for im in images]))
+        return encode_images(self.vision_tower(), pixels_of(images))
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -88,13 +87,12 @@ class MiniMindVForCausalLM(PreTrainedModel):
                                    repetition_penalty=repetition_penalty, eos_token_id=2 if eos is None else eos,
                                    generator=generator)
 
-    def chat(self, tokenizer, image, question: str, **kwargs) -> str:
-        """One answer about one PIL image (greedy unless temperature is given)."""
+    def chat(self, tokenizer, image, question: str, max_new_tokens=128, temperature=0.0, top_p=None,
+             **kwargs) -> str:
+        """One answer about one PIL image (greedy unless temperature is given); other settings (top_k,
+        repetition_penalty, seed) as ChatEngine.generate takes them."""
+        engine = ChatEngine(self.model, tokenizer, self.vision_tower())
         content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
-        text = build_prompt(tokenizer, [{"role": "user", "content": content}])
-        device = self.model.output.weight.device
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=device)
-        out = self.generate(ids, images=[image], eos_token_id=tokenizer.eos_token_id, **kwargs)[0].tolist()
-        if tokenizer.eos_token_id in out:
-            out = out[:out.index(tokenizer.eos_token_id)]
-        return tokenizer.decode(out, skip_special_tokens=True).strip()
+        answer = engine.generate([{"role": "user", "content": content}], engine.encode([image]),
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **kwargs)
+        return answer.text().strip()

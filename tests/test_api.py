@@ -1,4 +1,12 @@
-"""serve_openai_api.py in a subprocess, driven by the official `openai` client and raw HTTP."""
+"""serve_openai_api.py in a subprocess, driven by the official `openai` client and raw HTTP.
+
+`/v1/models`; answers naming the colour of the sent image; streaming equal to non-streaming, with usage;
+multi-turn; `max_tokens`; `seed`; 8 concurrent requests all answered correctly; remote URLs and paths
+refused; oversized bodies and images answered 413; 10 kinds of malformed request answered 400 with a
+message. Like the other server tests it uses the model tests/served_model.py trains once per session (about
+20 s; 64x2, taught to name the colour of red, green and blue pictures), so an answer shows which image a
+conversation holds.
+"""
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor

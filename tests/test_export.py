@@ -1,5 +1,10 @@
-"""export_model.py: a directory that transformers' Auto classes load (trust_remote_code) and that answers
-with generate given an image; the repository's own scripts take the same directory."""
+"""export_model.py: a directory that transformers' Auto classes load (trust_remote_code).
+
+AutoModelForCausalLM.from_pretrained on it gives exactly the checkpoint's logits, and its chat and generate
+answer about an image (the colour of red, green and blue pictures) token for token as the repository's model
+does. The servers' engine, 3-eval_chat.py and training's --init_from take the exported directory; a missing
+checkpoint is a one-line error.
+"""
 import subprocess
 import sys
 
@@ -7,7 +12,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_vlm
-from model.serving import ChatEngine
+from model.engine import ChatEngine
 from tests.conftest import ROOT
 from tests.served_model import COLOURS, QUESTION, colour_image
 from tests.test_train_e2e import ENV, run
@@ -35,19 +40,19 @@ def test_auto_classes_load_the_export_exactly(exported, served_model, tokenizer)
 
 def test_generate_with_images_matches_the_repository_model(exported, served_model, tokenizer, random_tower):
     from transformers import AutoModelForCausalLM
-    from model.engine import build_prompt
+    from model.tokenizer import build_prompt
     model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
-    prompt = build_prompt(tokenizer, [{"role": "user", "content": f"<image>\n{QUESTION}"}])
+    prompt = build_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}])
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
     image = colour_image(COLOURS["blue"], seed=4)
     out = model.generate(ids, images=[image], max_new_tokens=3, eos_token_id=tokenizer.eos_token_id)
-    engine = ChatEngine(served_model[0], str(random_tower), device="cpu", dtype="float32")
+    engine = ChatEngine.load(served_model[0], str(random_tower), device="cpu", dtype="float32")
     feats = engine.encode([image])
     assert torch.equal(out, engine.model.generate(ids, [feats], max_new_tokens=3, eos_token_id=tokenizer.eos_token_id))
 
 
 def test_scripts_take_the_export_directory(exported, served_model, random_tower, tmp_path):
-    engine = ChatEngine(str(exported), str(random_tower), device="cpu", dtype="float32")  # both servers load this way
+    engine = ChatEngine.load(str(exported), str(random_tower), device="cpu", dtype="float32")  # both servers load this way
     feats = engine.encode([colour_image(COLOURS["green"], seed=2)])
     assert engine.generate([{"role": "user", "content": f"<image>\n{QUESTION}"}], feats, temperature=0).text() == "green"
     _, images = served_model

@@ -1,6 +1,27 @@
-"""Every bad input gets a clear answer and nothing is lost: a generated corpus of 25 kinds of dirty data
-(tests/bad_corpus.py) through --check_data, training (error and skip, one process and two gloo ranks), batch
-evaluation, the API server and checkpoint loading."""
+"""Every bad input gets a clear answer and nothing is lost.
+
+tests/bad_corpus.py generates 25 kinds of dirty input: the 16 error kinds, an over-long record, a record
+with turns to truncate, a PNG named .jpg, and valid images in CMYK, 16-bit grey, 1-bit, grey+alpha,
+palette transparency and EXIF rotation.
+- `check_data.py --full` reports each kind exactly once with its record; the quick `--check_data` finds all
+  but the PNG damaged mid-file.
+- Training with `skip` finishes with the 20 usable samples and lists the 17 others by kind; with `error` it
+  stops before training, naming each record (first those found reading, then, without them, the four found
+  decoding).
+- A truncated image met at step 3 with --no_feature_cache stops the run with a saved step-2 checkpoint;
+  after fixing the image, --resume ends with exactly the weights of a clean run.
+- Two gloo ranks (started with torchrun's environment but without the launcher, which would stop one rank
+  as soon as the other exits) with a bad image in rank 1's share: both ranks exit by themselves with status
+  1, the record named once and a checkpoint saved. With `skip` and batch 1 (rank 1's micro-batch all bad)
+  the run finishes and lists the record.
+- Batch evaluation with `skip` lists the 16 bad records in the predictions file and scores the rest; with
+  `error` it names the first.
+- Every corpus image sent through open_image and the API gets 200, or 400/413 naming the field; 16-bit,
+  float, 1-bit, LA, palette and colour-key transparency convert as they look.
+- A checkpoint of another config names the shapes and the setting (`dim=64 (model: 128)`); a truncated
+  checkpoint, a cut sidecar and weights of another size end 3-eval_chat.py and 2-sft_vlm.py with a message.
+- No output anywhere has a Python traceback.
+"""
 import base64
 import json
 import shutil
@@ -15,7 +36,7 @@ from PIL import Image
 from model.checkpoint import CheckpointError, load_strict, save_checkpoint
 from trainer.data import LengthGroupedBatchSampler
 from model.model import MiniMindVLM
-from model.serving import InputError, TooLarge, open_image
+from model.engine import InputError, TooLarge, open_image
 from model.vision import to_rgb
 from tests.bad_corpus import ERROR_KINDS, MAX_SEQ_LEN, image_files, make_bad_corpus
 from tests.conftest import ROOT

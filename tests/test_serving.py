@@ -1,4 +1,14 @@
-"""model/serving.py (upload checks, the shared engine) and the incremental detokenizer both servers stream with."""
+"""What both servers share: the upload checks, the engine, and incremental detokenization.
+
+- Incremental detokenization equals full decoding for mixed Chinese/English/emoji text, never splits a
+  character, and decodes a bounded window per token.
+- Uploads that are empty, not images, truncated, over the byte limit or over the pixel limit (a
+  25-megapixel PNG of a few KB) are refused with their name in the message; transparent, grey, CMYK and
+  EXIF-rotated images become upright RGB.
+- The engine answers about the image it was given; two generations stepping in turn give what each gives
+  alone; placeholder/image mismatches and over-long conversations are refused.
+- Both servers bind 127.0.0.1 by default.
+"""
 import io
 import os
 
@@ -7,7 +17,7 @@ from PIL import Image
 
 from model.engine import IncrementalDecoder
 from model.LMConfig import IMAGE_PLACEHOLDER
-from model.serving import ChatEngine, InputError, PromptTooLong, TooLarge, open_image
+from model.engine import ChatEngine, InputError, PromptTooLong, TooLarge, open_image
 from tests.served_model import COLOURS, FOLLOW_UP, QUESTION, colour_image, png_bytes
 
 
@@ -80,7 +90,7 @@ def test_open_image_modes_become_upright_rgb():
 @pytest.fixture(scope="module")
 def engine(served_model, random_tower):
     ckpt, _ = served_model
-    return ChatEngine(ckpt, str(random_tower), device="cpu", dtype="float32")
+    return ChatEngine.load(ckpt, str(random_tower), device="cpu", dtype="float32")
 
 
 def first_turn(question=QUESTION):

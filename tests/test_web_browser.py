@@ -1,4 +1,12 @@
-"""web_server.py in a subprocess, used through headless Chromium (Debian's `chromium`) driven by Playwright."""
+"""web_server.py in a subprocess, used through headless Chromium (Debian's `chromium`) driven by Playwright.
+
+Upload, ask, a streamed answer, a follow-up in the same conversation, a new image starting a new
+conversation, and no request to any other host. Messages in the page for a question without an image, a
+damaged `.png`, a `.txt` file and an empty question. Two browser contexts at once, each answered about its
+own image. The dirty-data corpus's images uploaded one after another in one page: each bad one explained in
+the status line, each unusual valid one answered. Without Chromium these tests are skipped, unless
+REQUIRE_BROWSER_TESTS=1 (.ci/run installs Chromium and sets it).
+"""
 import os
 import shutil
 

@@ -1,0 +1,65 @@
+"""Command-line flags that several scripts share, and the help format that shows every flag's default.
+
+The defaults come from the modules that own them, imported inside each function: a script that only wants
+HelpFormatter (the demo data generator, the tokenizer trainer) does not load torch for it.
+"""
+import argparse
+
+DTYPES = ["auto", "bfloat16", "float16", "float32"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's line breaks and ends every flag's help with its default (unless the
+    help already shows it)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        return help if "(default" in help else super()._get_help_string(action)
+
+
+def default_device() -> str:
+    import torch
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(parser, ckpt_default="out/512_vlm_sft", ckpt_help=None, runtime=True):
+    """--ckpt --vision_model --tokenizer, and with runtime also --device --dtype: what loading a trained
+    model for inference takes."""
+    from .tokenizer import DEFAULT_TOKENIZER
+    from .vision import DEFAULT_VISION_MODEL
+    a = parser.add_argument
+    a("--ckpt", default=ckpt_default, help=ckpt_help or "MiniMind-V checkpoint: .safetensors or .pth (with its "
+      ".json sidecar, if any), a stem for either, or an export_model.py directory")
+    a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory")
+    a("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory (the one the checkpoint was trained with)")
+    if runtime:
+        a("--device", default=default_device(), help="where the model runs")
+        a("--dtype", default="auto", choices=DTYPES, help="image encoder autocast; auto = bf16 on CUDA and on "
+                                                          "CPUs with native bf16, else fp32")
+
+
+def add_max_image_pixels(parser):
+    from .vision import MAX_IMAGE_PIXELS
+    parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                        help="images with more pixels (width x height) are refused: a guard against "
+                             "decompression bombs")
+
+
+def add_serving_args(parser, default_port: int):
+    """The loading, binding and upload-limit flags both servers take."""
+    from .engine import MAX_IMAGE_BYTES
+    add_model_args(parser)
+    a = parser.add_argument
+    a("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to your network")
+    a("--port", type=int, default=default_port, help="port to listen on")
+    a("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES, help="largest image upload, in bytes")
+    add_max_image_pixels(parser)
+
+
+def load_engine(args):
+    """ChatEngine from the parsed model flags, or exit with the loading error (missing file, wrong keys...)."""
+    from .engine import ChatEngine
+    try:
+        return ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
