@@ -8,11 +8,8 @@ import argparse
 import json
 import math
 import os
-import random
-import signal
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +19,21 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import (CheckpointError, atomic_write, load_strict, read_state_dict, resolve_checkpoint,
-                         save_checkpoint, sidecar_path)
-from .data_check import DataError, Problem, add_check_args, run_check
-from .data import (DEFAULT_TOKENIZER, ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset,
-                      collate_images, image_cache_key, image_token_ids, load_tokenizer)
-from .feature_cache import FeatureCache
+from model.checkpoint import CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint
+from model.cli import DTYPES, HelpFormatter, add_max_image_pixels, default_device
 from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
-from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, encode_images, load_vision_model,
-                           vision_fingerprint)
+from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer
+from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, cached_features, encode_images,
+                          load_vision_model, vision_fingerprint)
+
+from .bad_samples import BadSamples, filler_row
+from .data import ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset, collate_images
+from .data_check import run_check
+from .feature_cache import FeatureCache, image_cache_key
+from .records import DataError
+from .resume import (StopRequest, ignore_sigint, keep_step_checkpoint, kill_for_tests, load_resume_state,
+                     save_resume_state)
 
 
 @dataclass
@@ -50,25 +52,25 @@ class Recipe:
 
 
 def build_parser(r: Recipe) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=r.description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=r.description, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--out_dir", default="out", help="where checkpoints, sidecar JSON, logs and loss curves go")
-    a("--epochs", type=int, default=r.epochs)
+    a("--epochs", type=int, default=r.epochs, help="passes over the data")
     a("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: run all epochs); "
                                                 "also the length of the LR schedule")
     a("--batch_size", type=int, default=r.batch_size, help="samples per step per process")
     a("--learning_rate", type=float, default=r.learning_rate, help="peak LR (cosine decay to a tenth of it)")
-    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    a("--device", default=default_device(), help="where training runs (under torchrun: each rank's GPU)")
+    a("--dtype", default="auto", choices=DTYPES,
       help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
     a("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without account)")
-    a("--wandb_project", default=f"MiniMind-V-{r.stage}")
+    a("--wandb_project", default=f"MiniMind-V-{r.stage}", help="Weights & Biases project")
     a("--num_workers", type=int, default=2, help="DataLoader worker processes (image decoding)")
     a("--data_path", default=r.data_path, help="LLaVA-format .json list or .jsonl")
     a("--images_dir", default=r.images_dir, help="directory the records' image paths are relative to")
     a("--ddp", action="store_true", help="use DDP (implied when started by torchrun)")
     a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--grad_clip", type=float, default=1.0)
+    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
     a("--warmup_iters", type=int, default=0, help="linear LR warm-up, in optimizer steps")
     a("--log_interval", type=int, default=100, help="optimizer steps between loss logs")
     a("--save_interval", type=int, default=1000, help="optimizer steps between checkpoint saves")
@@ -79,10 +81,10 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--max_seq_len", type=int, default=r.max_seq_len, help="training sequence length (tokens, 50 per image)")
     a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers")
     a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory (Hugging Face layout)")
-    a("--tokenizer", default=DEFAULT_TOKENIZER)
+    a("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory")
     a("--init_from", default="auto", help=f"starting weights: auto = {{out_dir}}/{{dim}}[_moe]{r.init_suffix} "
                                            "(.safetensors or .pth), a path, or 'none' for random init")
-    a("--seed", type=int, default=1337)
+    a("--seed", type=int, default=1337, help="random seed (weights init, data order)")
     a("--save_format", choices=["safetensors", "pth"], default="safetensors",
       help="weights file format: safetensors, or pth (upstream-style torch.save state dict)")
     a("--keep_last", type=int, default=0, help="also keep the last N step-numbered checkpoints "
@@ -99,7 +101,7 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--on_bad_sample", choices=["error", "skip"], default="error",
       help="a record or image that cannot be used: error = stop with a message naming it (after saving a "
            "checkpoint to --resume from); skip = leave it out, count it, list it in {name}_skipped.jsonl")
-    add_check_args(p)  # --max_image_pixels
+    add_max_image_pixels(p)
     a("--no_feature_cache", action="store_true", help="no on-disk cache: images are encoded as batches need them and kept in RAM "
                                                        "(up to 4 GB) for later epochs of this run only")
     return p
@@ -129,7 +131,7 @@ def lr_at(step, total, peak, warmup):
     return peak / 10 + 0.5 * (peak - peak / 10) * (1 + math.cos(math.pi * progress))
 
 
-def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world, device):
+def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world):
     """Encode every not-yet-cached image of the dataset once, split across ranks. Returns (images, newly
     encoded, {path: (problem kind, message)} for the images that could not be decoded, the same on every
     rank)."""
@@ -153,17 +155,13 @@ def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, worl
 
 
 def batch_image_features(batch, cache, vision_model, amp_dtype, device):
-    """Per-row image features for the model: cached ones read, the rest encoded now (and cached)."""
-    fresh = {}
-    todo = [i for i, k in enumerate(batch["pixel_keys"]) if k not in cache]  # workers decode; encode only misses
-    if todo:
-        for i, f in zip(todo, encode_images(vision_model, batch["pixel_values"][todo], amp_dtype)):
-            cache.put(batch["pixel_keys"][i], f)
-            fresh[batch["pixel_keys"][i]] = f
-    flat = [fresh[k] if k in fresh else cache.get(k) for k in batch["image_keys"]]
+    """Per-row image features for the model: cached ones read, the rest (decoded by the workers) encoded now
+    and cached."""
+    flat = cached_features(vision_model, batch["image_keys"], cache, batch["pixel_keys"], batch["pixel_values"],
+                           amp_dtype) if batch["image_keys"] else None
     rows, i = [], 0
     for n in batch["image_counts"]:
-        rows.append(torch.stack(flat[i:i + n]).to(device, torch.float32) if n else None)
+        rows.append(flat[i:i + n].to(device, torch.float32) if n else None)
         i += n
     return rows
 
@@ -215,415 +213,274 @@ def train(recipe: Recipe, argv=None):
 
 
 def run(recipe: Recipe, args):
-    ddp, rank, world, device = init_distributed(args)
-    master = rank == 0
-    torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    amp_dtype = autocast_dtype(device.type, args.dtype)
+    """Train one stage: the phases below, in order. Returns the checkpoint path."""
+    r = Run(recipe, args)
+    r.setup()
+    r.load_data()
+    r.build_optimizer()
+    r.resume()
+    r.loop()
+    return r.finish()
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    cfg = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
-                   use_moe=args.use_moe, vocab_size=len(tokenizer),
-                   image_ids=image_token_ids(tokenizer))
-    model = MiniMindVLM(cfg)
-    moe = "_moe" if args.use_moe else ""
-    init = f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}" if args.init_from == "auto" else args.init_from
-    if init != "none":
+
+class Run:
+    """One training run's state, built phase by phase (see run())."""
+
+    def __init__(self, recipe: Recipe, args):
+        self.recipe, self.args = recipe, args
+        self.step, self.epoch, self.step_in_epoch, self.start_epoch, self.start_micro = 0, 0, 0, 0, 0
+        self.wandb, self.wandb_id, self.log = None, None, []
+
+    # -- setup: processes, model, outputs --------------------------------------------------------------------
+
+    def setup(self):
+        args, recipe = self.args, self.recipe
+        self.ddp, self.rank, self.world, self.device = init_distributed(args)
+        self.master = self.rank == 0
+        torch.manual_seed(args.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        self.amp_dtype = autocast_dtype(self.device.type, args.dtype)
+        self.tokenizer = load_tokenizer(args.tokenizer)
+        self.cfg = LMConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                            use_moe=args.use_moe, vocab_size=len(self.tokenizer),
+                            image_ids=image_token_ids(self.tokenizer))
+        self.raw_model = MiniMindVLM(self.cfg)
+        moe = "_moe" if args.use_moe else ""
+        self.init = self.load_start_weights(f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}"
+                                            if args.init_from == "auto" else args.init_from)
+        self.raw_model.to(self.device)
+        self.vision_model = load_vision_model(args.vision_model, self.device)
+        self.name = f"{args.dim}{moe}_vlm_{recipe.stage}"
+        out = Path(args.out_dir)
+        self.out_path = out / f"{self.name}.{args.save_format}"
+        self.resume_path = out / f"{self.name}_resume.pt"
+        self.log_path = out / f"{self.name}_log.jsonl"
+        self.bad = BadSamples(args.on_bad_sample, out / f"{self.name}_skipped.jsonl", self.master)
+
+    def load_start_weights(self, init):
+        if init == "none":
+            return init
         init = resolve_checkpoint(init)
         if not os.path.exists(init):
             shown = init if Path(init).suffix else f"{init}.safetensors or {init}.pth"
-            raise SystemExit(f"starting weights {shown} not found. {recipe.init_help}\n"
+            raise SystemExit(f"starting weights {shown} not found. {self.recipe.init_help}\n"
                              "Or pass --init_from none to start from random weights.")
-        load_strict(model, read_state_dict(init), allow_missing=recipe.allow_missing, where=init)
-    model.to(device)
-    vision_model = load_vision_model(args.vision_model, device)
+        load_strict(self.raw_model, read_state_dict(init), allow_missing=self.recipe.allow_missing, where=init)
+        return init
 
-    name = f"{args.dim}{moe}_vlm_{recipe.stage}"
-    out_path = Path(args.out_dir) / f"{name}.{args.save_format}"
-    resume_path = Path(args.out_dir) / f"{name}_resume.pt"
-    bad = BadSamples(args.on_bad_sample, out_path.with_name(name + "_skipped.jsonl"), master)
+    # -- data: records, image features, batches ----------------------------------------------------------------
 
-    cache_dir = None if args.no_feature_cache else (args.feature_cache or f"{args.out_dir}/feature_cache")
-    cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model))
-    dataset = VLMDataset(args.data_path, args.images_dir, tokenizer, args.max_seq_len, cache,
-                         args.max_image_pixels, progress=master)
-    bad.report_reading(dataset)
-    if cache_dir is not None:
-        n_images, n_new, bad_images = fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank,
-                                                         world, device)
-        if master:
-            print(f"feature cache {cache.dir}: {n_images} images, {n_new} newly encoded by rank 0")
-        if bad_images:  # their records: stop on them, or leave them out (the same on every rank)
-            found, keep = [], []
-            for i in range(len(dataset)):
-                errors = [bad_images[p] for p in dataset.image_paths(i) if p in bad_images]
-                if errors:
-                    found.append(dataset.problem(i, *errors[0]))
-                else:
-                    keep.append(i)
-            bad.found(found, "decoding images", step=0)
-            dataset.keep(keep)
-    if len(dataset) == 0:
-        raise DataError([], f"{args.data_path}: no usable records left")
+    def load_data(self):
+        args = self.args
+        cache_dir = None if args.no_feature_cache else (args.feature_cache or f"{args.out_dir}/feature_cache")
+        self.cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model))
+        self.dataset = dataset = VLMDataset(args.data_path, args.images_dir, self.tokenizer, args.max_seq_len,
+                                            self.cache, args.max_image_pixels, progress=self.master)
+        self.bad.report_reading(dataset)
+        if cache_dir is not None:
+            n_images, n_new, bad_images = fill_feature_cache(dataset, self.vision_model, self.cache, args,
+                                                             self.amp_dtype, self.rank, self.world)
+            if self.master:
+                print(f"feature cache {self.cache.dir}: {n_images} images, {n_new} newly encoded by rank 0")
+            self.bad.leave_out_bad_images(dataset, bad_images)
+        if len(dataset) == 0:
+            raise DataError([], f"{args.data_path}: no usable records left")
+        # One sampler for every case, so a 2-rank run sees exactly the batches of 1 rank with twice the batch.
+        lengths = dataset.lengths if args.length_group > 1 else [0] * len(dataset)
+        self.sampler = LengthGroupedBatchSampler(lengths, args.batch_size, self.world, self.rank, args.seed,
+                                                 args.length_group, args.accumulation_steps)
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=args.num_workers,
+                                 collate_fn=VLMCollator(pad_id=self.tokenizer.pad_token_id or 0),
+                                 worker_init_fn=ignore_sigint, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=args.num_workers > 0)
+        self.steps_per_epoch = max(1, len(self.loader) // args.accumulation_steps)
+        self.total_steps = args.max_steps if args.max_steps > 0 else args.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
-    # One sampler for every case, so a 2-rank run sees exactly the batches of a 1-rank run with twice the batch.
-    lengths = dataset.lengths if args.length_group > 1 else [0] * len(dataset)
-    sampler = LengthGroupedBatchSampler(lengths, args.batch_size, world, rank, args.seed, args.length_group,
-                                        args.accumulation_steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        collate_fn=VLMCollator(pad_id=tokenizer.pad_token_id or 0), worker_init_fn=_ignore_sigint,
-                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-    steps_per_epoch = max(1, len(loader) // args.accumulation_steps)
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    # -- model and optimizer ---------------------------------------------------------------------------------
 
-    raw_model = model
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=cfg.use_moe)
-    if args.compile:  # dynamic shapes: batches are padded to their own length, which varies
-        model = torch.compile(model, dynamic=True)
-    optimizer = make_adamw([p for p in raw_model.parameters() if p.requires_grad], args.learning_rate)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    def build_optimizer(self):
+        args, model = self.args, self.raw_model
+        if self.ddp:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.use_moe)
+        if args.compile:  # dynamic shapes: batches are padded to their own length, which varies
+            model = torch.compile(model, dynamic=True)
+        self.model = model
+        self.optimizer = make_adamw([p for p in self.raw_model.parameters() if p.requires_grad], args.learning_rate)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        self.layout = {"world": self.world, "batch_size": args.batch_size, "accumulation": args.accumulation_steps}
 
-    layout = {"world": world, "batch_size": args.batch_size, "accumulation": args.accumulation_steps}
-    step, start_epoch, start_micro, wandb_id = 0, 0, 0, None
-    if args.resume:
-        step, start_epoch, start_micro, wandb_id = load_resume_state(
-            resume_path, raw_model, optimizer, scaler, layout, steps_per_epoch, master)
-    bad.start(step if args.resume else None)
-    if ddp:
-        dist.barrier()  # rank 0 has rewritten the skipped list before any rank appends to it
-    wandb = None
-    if args.use_wandb and master:
-        import wandb
-        wandb.init(project=args.wandb_project, name=name, config=vars(args), dir=args.out_dir,
-                   id=wandb_id, resume="allow")
-        wandb_id = wandb.run.id
-    if master:
-        print(f"{recipe.stage}: {raw_model.num_parameters() / 1e6:.3f}M parameters (dim {cfg.dim}, {cfg.n_layers} "
-              f"layers{', MoE' if cfg.use_moe else ''}), {len(dataset)} samples, {world} process(es) x batch "
-              f"{args.batch_size} x accumulation {args.accumulation_steps}, {total_steps} steps, "
-              f"autocast {amp_dtype or 'off (fp32)'}, start {init}")
+    # -- resume: position, loss log, skipped list, wandb -------------------------------------------------------
 
-    log_path = out_path.with_name(name + "_log.jsonl")
-    log = []
-    if master:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        if args.resume and log_path.is_file():  # keep the curve up to the resumed step; later steps are redone
-            log = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
-    t0, tokens = time.time(), 0
-    loss_sum = torch.zeros((), device=device)
-    stop = StopRequest(ddp)
-    test_signal = os.environ.get("MINIMIND_TEST_SIGNAL")  # "KILL:3": the tests' way to die after step 3
-    model.train()
-    progress = tqdm(total=total_steps, initial=step, desc=recipe.stage, disable=not master, unit="step")
+    def resume(self):
+        args = self.args
+        if args.resume:
+            self.step, self.start_epoch, self.start_micro, self.wandb_id = load_resume_state(
+                self.resume_path, self.raw_model, self.optimizer, self.scaler, self.layout, self.steps_per_epoch,
+                self.master)
+        self.bad.start(self.step if args.resume else None)
+        if self.ddp:
+            dist.barrier()  # rank 0 has rewritten the skipped list before any rank appends to it
+        if args.use_wandb and self.master:
+            import wandb
+            wandb.init(project=args.wandb_project, name=self.name, config=vars(args), dir=args.out_dir,
+                       id=self.wandb_id, resume="allow")
+            self.wandb, self.wandb_id = wandb, wandb.run.id
+        if self.master:
+            print(f"{self.recipe.stage}: {self.raw_model.num_parameters() / 1e6:.3f}M parameters (dim {self.cfg.dim}, "
+                  f"{self.cfg.n_layers} layers{', MoE' if self.cfg.use_moe else ''}), {len(self.dataset)} samples, "
+                  f"{self.world} process(es) x batch {args.batch_size} x accumulation {args.accumulation_steps}, "
+                  f"{self.total_steps} steps, autocast {self.amp_dtype or 'off (fp32)'}, start {self.init}")
+            self.out_path.parent.mkdir(parents=True, exist_ok=True)
+            if args.resume and self.log_path.is_file():  # the curve up to the resumed step; later steps are redone
+                lines = self.log_path.read_text().splitlines()
+                self.log = [r for r in map(json.loads, lines) if r["step"] <= self.step]
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.log))
 
-    def save_all():  # weights + sidecar + curve, and everything --resume needs
-        _save(raw_model, out_path, cfg, recipe, args, step, log)
-        save_resume_state(resume_path, raw_model, optimizer, scaler, step, epoch, step_in_epoch, layout, wandb_id)
+    # -- the loop ----------------------------------------------------------------------------------------------
 
-    # The image placeholder with zero features and no labels: its loss is 0, yet every parameter takes part
-    filler_ids = torch.tensor([cfg.image_ids], device=device)
-    filler_labels = torch.full_like(filler_ids, -100)
-    filler_features = [torch.zeros(1, len(cfg.image_ids), cfg.vision_dim, device=device)]
-
-    epoch, step_in_epoch = start_epoch, 0
-    for epoch in range(start_epoch, epochs):
-        if step >= total_steps:  # a resumed run that had already finished
-            break
-        skip = start_micro if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, start=skip)
-        step_in_epoch = skip // args.accumulation_steps
-        for micro, batch in enumerate(loader, start=skip):
-            if micro >= steps_per_epoch * args.accumulation_steps:
-                break  # a last, incomplete accumulation group would leak its gradients into the next epoch
-            last_micro = (micro + 1) % args.accumulation_steps == 0
-            lr = lr_at(step, total_steps, args.learning_rate, args.warmup_iters)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if args.on_bad_sample == "error":
-                found = bad.agree(batch["problems"], ddp, stop.group)  # any rank's bad sample stops every rank
-                if found:
-                    progress.close()
-                    if master:
-                        save_all()  # weights at the last finished step: this step is redone by --resume
-                    if ddp:
-                        dist.barrier()
-                        dist.destroy_process_group()
-                    raise DataError(found, f"bad sample(s) in the batch of step {step + 1} (epoch {epoch}); saved "
-                                    f"{out_path} and {resume_path} at step {step}. Fix or remove the record, then run "
-                                    "the same command with --resume (or add --on_bad_sample skip)")
-            elif batch["problems"]:
-                bad.skipped(batch["problems"], step, epoch, rank)
-            if batch["input_ids"] is None:  # every sample was bad: a row with no loss keeps the ranks in step
-                input_ids, labels, features = filler_ids, filler_labels, filler_features
-            else:
-                features = batch_image_features(batch, cache, vision_model, amp_dtype, device)
-                input_ids = batch["input_ids"].to(device, non_blocking=True)
-                labels = batch["labels"].to(device, non_blocking=True)
-            sync = model.no_sync() if ddp and not last_micro else nullcontext()
-            with sync, autocast:
-                loss = model(input_ids, features, labels=labels, loss_only=True).loss / args.accumulation_steps
-            with sync:
-                scaler.scale(loss).backward()
-            if batch["input_ids"] is not None:
-                loss_sum += loss.detach()
-                tokens += int(input_ids.numel())
-            if not last_micro:
-                continue
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_in_epoch += 1
-            progress.update(1)
-            if step % args.log_interval == 0 or step == total_steps:
-                if ddp:  # log the mean over ranks, i.e. the loss of the global batch
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                loss_val = loss_sum.item() / (args.log_interval if step % args.log_interval == 0
-                                              else step % args.log_interval)
-                loss_sum.zero_()
-                elapsed = time.time() - t0
-                rec = {"step": step, "epoch": epoch, "loss": loss_val, "lr": lr,
-                       "tokens_per_s": tokens * world / elapsed, "elapsed_s": elapsed}
-                log.append(rec)
-                if master:
-                    with open(log_path, "a") as f:  # written as it goes: a run that dies keeps its curve
-                        f.write(json.dumps(rec) + "\n")
-                    progress.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
-                    if wandb:
-                        wandb.log(rec, step=step)
-            if master and step % args.save_interval == 0:
-                save_all()
-                if args.keep_last > 0:
-                    keep_step_checkpoint(out_path, step, args.keep_last)
-            if test_signal and int(test_signal.split(":")[1]) == step and master:
-                os.kill(os.getpid(), getattr(signal, "SIG" + test_signal.split(":")[0]))
-            if stop.agreed():  # SIGINT / SIGTERM: save at this step boundary, then exit
-                if master:
-                    save_all()
-                    print(f"\nstopped by {stop.name} after step {step}: saved {out_path} and {resume_path}; "
-                          f"continue with the same command plus --resume", flush=True)
-                if ddp:
-                    dist.barrier()
-                    dist.destroy_process_group()
-                raise SystemExit(128 + stop.signum)
-            if step >= total_steps:
+    def loop(self):
+        args, accumulation = self.args, self.args.accumulation_steps
+        self.t0, self.tokens, self.loss_sum = time.time(), 0, torch.zeros((), device=self.device)
+        self.stop = StopRequest(self.ddp)
+        self.filler = filler_row(self.cfg, self.device)
+        self.model.train()
+        self.progress = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe.stage,
+                             disable=not self.master, unit="step")
+        self.epoch = self.start_epoch
+        for self.epoch in range(self.start_epoch, self.epochs):
+            if self.step >= self.total_steps:  # a resumed run that had already finished
                 break
-        if step >= total_steps:
-            break
-    progress.close()
-    if master and args.compile:
-        from torch._dynamo.utils import counters
-        print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled")
-    bad.summary(ddp, stop.group)
-    if master:
-        step_in_epoch = 0
-        save_all()
-        print(f"saved {out_path} after {step} steps in {time.time() - t0:.0f}s; final loss "
-              f"{log[-1]['loss']:.4f}; loss curve {out_path.with_name(name + '_loss.png')}")
-        if wandb:
-            wandb.finish()
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    return out_path
+            skip = self.start_micro if self.epoch == self.start_epoch else 0
+            self.sampler.set_epoch(self.epoch, start=skip)
+            self.step_in_epoch = skip // accumulation
+            for micro, batch in enumerate(self.loader, start=skip):
+                if micro >= self.steps_per_epoch * accumulation:
+                    break  # a last, incomplete accumulation group would leak its gradients into the next epoch
+                last_micro = (micro + 1) % accumulation == 0
+                lr = lr_at(self.step, self.total_steps, args.learning_rate, args.warmup_iters)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                self.handle_bad_samples(batch)
+                input_ids, labels, features = self.inputs(batch)
+                sync = self.model.no_sync() if self.ddp and not last_micro else nullcontext()
+                with sync, self.autocast:
+                    loss = self.model(input_ids, features, labels=labels, loss_only=True).loss / accumulation
+                with sync:
+                    self.scaler.scale(loss).backward()
+                if batch["input_ids"] is not None:  # a filler row's zero loss is not logged
+                    self.loss_sum += loss.detach()
+                    self.tokens += int(input_ids.numel())
+                if not last_micro:
+                    continue
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), args.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.step_in_epoch += 1
+                self.progress.update(1)
+                if self.step % args.log_interval == 0 or self.step == self.total_steps:
+                    self.log_loss(lr)
+                if self.master and self.step % args.save_interval == 0:
+                    self.save()
+                    if args.keep_last > 0:
+                        keep_step_checkpoint(self.out_path, self.step, args.keep_last)
+                if self.master:
+                    kill_for_tests(self.step)
+                self.stop_if_signalled()
+                if self.step >= self.total_steps:
+                    break
+            if self.step >= self.total_steps:
+                break
+        self.progress.close()
 
+    def inputs(self, batch):
+        """(input_ids, labels, image features) on the device; the filler row when every sample was bad."""
+        if batch["input_ids"] is None:
+            return self.filler
+        features = batch_image_features(batch, self.cache, self.vision_model, self.amp_dtype, self.device)
+        return (batch["input_ids"].to(self.device, non_blocking=True),
+                batch["labels"].to(self.device, non_blocking=True), features)
 
-class BadSamples:
-    """--on_bad_sample: a bad record stops the run (error) or is left out and listed (skip), in
-    {name}_skipped.jsonl next to the checkpoint, one JSON line per record: kind, file, line, id, detail, the
-    phase that found it and the step. Records too long to train on are always left out, and listed too."""
-
-    def __init__(self, mode, path, master):
-        self.mode, self.path, self.master, self.count = mode, Path(path), master, 0
-        self.pending = []  # lines found before start(): the file is rewritten then
-
-    def start(self, resumed_step=None):
-        """Begin the list: a resumed run keeps what the steps it does not redo skipped (the rest is found again)."""
-        lines, self.pending = self.pending, None
-        if self.master:
-            old = self.path.read_text().splitlines() if resumed_step is not None and self.path.is_file() else []
-            kept = [r for r in old if json.loads(r)["phase"] == "training" and json.loads(r)["step"] < resumed_step]
-            self.path.unlink(missing_ok=True)
-            self._write(kept + lines)
-
-    def _write(self, lines):
-        if self.pending is not None:
-            self.pending += lines
-        elif lines:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:  # one append per line: ranks may share the file
-                for line in lines:
-                    f.write(line + "\n")
-
-    def _lines(self, problems, phase, step, epoch=None, rank=0):
-        return [json.dumps({**p.to_dict(), "phase": phase, "step": step, "epoch": epoch, "rank": rank},
-                           ensure_ascii=False) for p in problems]
-
-    def report_reading(self, dataset):
-        """The problems found reading the dataset: the same on every rank."""
-        dropped = [p for p in dataset.problems if p.severity == "drop"]
-        notes = [p for p in dataset.problems if p.severity == "note"]
-        if self.master:
-            self._write(self._lines(dropped, "reading the dataset", 0))
-            if dropped:
-                print(f"left out {len(dropped)} record(s) whose first turn is longer than --max_seq_len "
-                      f"{dataset.max_seq_len} (e.g. {dropped[0].where()}); listed in {self.path}")
-            if notes:
-                print(f"{len(notes)} record(s) longer than --max_seq_len: their later turns are left out whole")
-        self.found([p for p in dataset.problems if p.severity == "error"], "reading the dataset", 0)
-
-    def found(self, problems, phase, step):
-        """Problems every rank knows about, found before training."""
-        if not problems:
+    def handle_bad_samples(self, batch):
+        """error: if any rank's micro-batch has a bad sample, every rank stops (rank 0 saves the last finished
+        step first, which --resume continues from). skip: the bad samples are listed."""
+        if self.args.on_bad_sample == "skip":
+            if batch["problems"]:
+                self.bad.skipped(batch["problems"], self.step, self.epoch, self.rank)
             return
-        if self.mode == "error":
-            problems = sorted(problems, key=lambda p: p.line or 0)
-            raise DataError(problems, f"{len(problems)} bad record(s) found {phase}; stopped before training. "
-                                      "Fix them (python check_data.py lists every problem) or leave them out with "
-                                      "--on_bad_sample skip")
+        found = self.bad.agree(batch["problems"], self.ddp, self.stop.group)
+        if found:
+            self.progress.close()
+            self.save_and_close()
+            raise DataError(found, f"bad sample(s) in the batch of step {self.step + 1} (epoch {self.epoch}); saved "
+                            f"{self.out_path} and {self.resume_path} at step {self.step}. Fix or remove the record, "
+                            "then run the same command with --resume (or add --on_bad_sample skip)")
+
+    def stop_if_signalled(self):
+        """SIGINT / SIGTERM (on any rank): save at this step boundary, then exit 128 + the signal."""
+        if self.stop.agreed():
+            self.save_and_close(f"\nstopped by {self.stop.name} after step {self.step}: saved {self.out_path} and "
+                                f"{self.resume_path}; continue with the same command plus --resume")
+            raise SystemExit(128 + self.stop.signum)
+
+    def log_loss(self, lr):
+        args = self.args
+        if self.ddp:  # log the mean over ranks, i.e. the loss of the global batch
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum /= self.world
+        n = args.log_interval if self.step % args.log_interval == 0 else self.step % args.log_interval
+        loss = self.loss_sum.item() / n
+        self.loss_sum.zero_()
+        elapsed = time.time() - self.t0
+        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
+               "tokens_per_s": self.tokens * self.world / elapsed, "elapsed_s": elapsed}
+        self.log.append(rec)
         if self.master:
-            self._write(self._lines(problems, phase, step))
-            kinds = ", ".join(f"{k} {n}" for k, n in Counter(p.kind for p in problems).items())
-            print(f"skipping {len(problems)} bad record(s) found {phase} ({kinds}); listed in {self.path}")
+            with open(self.log_path, "a") as f:  # written as it goes: a run that dies keeps its curve
+                f.write(json.dumps(rec) + "\n")
+            self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if self.wandb:
+                self.wandb.log(rec, step=self.step)
 
-    def skipped(self, problems, step, epoch, rank):
-        """Bad samples one rank met in a batch (skip mode): written at once, so a crash loses none."""
-        self.count += len(problems)
-        self._write(self._lines(problems, "training", step, epoch, rank))
+    # -- saving and finishing ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def agree(problems, ddp, group):
-        """Every rank's problems in this micro-batch, on every rank; [] (the usual case) costs one small
-        all-reduce under DDP and nothing otherwise."""
-        if not ddp:
-            return list(problems)
-        n = torch.tensor([len(problems)])
-        dist.all_reduce(n, group=group)
-        if not n.item():
-            return []
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, [p.to_dict() for p in problems], group=group)
-        return [Problem(**d) for part in gathered for d in part]
+    def save(self):
+        """Weights + sidecar + loss curve, and everything --resume needs (rank 0 only)."""
+        save_checkpoint(self.raw_model, self.out_path, self.cfg, extra={
+            "stage": self.recipe.stage, "step": self.step, "args": vars(self.args)})
+        if self.log:
+            save_loss_curve(self.log, self.out_path.with_name(self.name + "_loss.png"), f"{self.name}: training loss")
+        save_resume_state(self.resume_path, self.raw_model, self.optimizer, self.scaler, self.step, self.epoch,
+                          self.step_in_epoch, self.layout, self.wandb_id)
 
-    def summary(self, ddp, group):
-        n = torch.tensor([self.count])
-        if ddp:
-            dist.all_reduce(n, group=group)  # a CPU tensor: the gloo group under nccl too
-        if self.master and n.item():
-            print(f"skipped {n.item()} bad sample(s) during training (--on_bad_sample skip); listed in {self.path}")
+    def save_and_close(self, message=None):
+        """Rank 0 saves (and prints the message); then every rank leaves the process group."""
+        if self.master:
+            self.save()
+            if message:
+                print(message, flush=True)
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
 
-
-def _ignore_sigint(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which saves at the next step and stops them;
-    a worker that died of it would otherwise break the batch the save waits for."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves and exits at the next optimizer step, on every rank at once."""
-
-    def __init__(self, ddp: bool):
-        self.signum, self.name, self.ddp = 0, "", ddp
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-        # The flag travels on a CPU (gloo) group, so checking it every step never waits for the GPU.
-        self.group = dist.new_group(backend="gloo") if ddp and dist.get_backend() != "gloo" else None
-
-    def _handle(self, signum, frame):
-        self.signum, self.name = signum, signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        if not self.ddp:
-            return self.signum != 0
-        flag = torch.tensor([self.signum])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)  # every rank stops at the same step
-        if flag.item() and not self.signum:
-            self.signum, self.name = int(flag.item()), signal.Signals(int(flag.item())).name
-        return bool(flag.item())
-
-
-def rng_state():
-    import numpy as np
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    import numpy as np
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_resume_state(path, model, optimizer, scaler, step, epoch, step_in_epoch, layout, wandb_id):
-    """Everything an exact continuation needs, as tensors and plain values (loadable with weights_only=True),
-    written atomically. Saved at optimizer-step boundaries, so the accumulation phase is always 0."""
-    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-             "step_in_epoch": step_in_epoch, "layout": layout, "rng": rng_state(), "wandb_id": wandb_id}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_resume_state(path, model, optimizer, scaler, layout, steps_per_epoch, master):
-    """Restore a run saved by save_resume_state; returns (step, epoch, micro-batches to skip, wandb id).
-    With another layout (ranks x batch x accumulation) the position in the epoch is mapped by samples seen."""
-    if not path.is_file():
-        raise SystemExit(f"--resume: {path} does not exist (a run saves it every --save_interval steps and when "
-                         "stopped by Ctrl-C or SIGTERM); run without --resume to start over")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"--resume: cannot read {path}: {type(e).__name__}: {e}") from None
-    load_strict(model, state["model"], where=str(path))
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    step, epoch, in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-    old = state["layout"]
-    if old != layout:
-        global_old = old["world"] * old["batch_size"] * old["accumulation"]
-        global_new = layout["world"] * layout["batch_size"] * layout["accumulation"]
-        samples = in_epoch * global_old
-        in_epoch_new = samples // global_new
-        if master:
-            print(f"resume: the layout changed from {old} to {layout}. The position in epoch {epoch}, "
-                  f"{samples} samples (step {in_epoch} of {global_old}), maps to step {in_epoch_new} of "
-                  f"{global_new}; this epoch's order is re-derived for the new layout, so up to one global batch "
-                  "of it may repeat or be skipped. The result is not bit-identical to an uninterrupted run.")
-        in_epoch = in_epoch_new
-    if in_epoch >= steps_per_epoch:
-        epoch, in_epoch = epoch + 1, 0
-    if master:
-        print(f"resumed from {path}: step {step}, epoch {epoch}, step {in_epoch} of the epoch")
-    return step, epoch, in_epoch * layout["accumulation"], state.get("wandb_id")
-
-
-def keep_step_checkpoint(latest, step, keep_last):
-    """Copy the latest checkpoint (and sidecar) to {name}_step{step} and delete all but the newest keep_last."""
-    import shutil
-    stem = latest.with_suffix("")
-    copy = stem.with_name(f"{stem.name}_step{step:08d}{latest.suffix}")
-    for src, dst in ((latest, copy), (sidecar_path(latest), sidecar_path(copy))):
-        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-    steps = sorted(latest.parent.glob(f"{stem.name}_step*{latest.suffix}"))
-    for old in steps[:-keep_last]:
-        old.unlink()
-        sidecar_path(old).unlink(missing_ok=True)
-
-
-def _save(model, path, cfg, recipe, args, step, log):
-    save_checkpoint(model, path, cfg, extra={"stage": recipe.stage, "step": step, "args": vars(args)})
-    name = path.stem
-    if log:
-        save_loss_curve(log, path.with_name(name + "_loss.png"), f"{name}: training loss")
+    def finish(self):
+        if self.master and self.args.compile:
+            from torch._dynamo.utils import counters
+            print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled")
+        self.bad.summary(self.ddp, self.stop.group)
+        if self.master:
+            self.step_in_epoch = 0
+            self.save()
+            print(f"saved {self.out_path} after {self.step} steps in {time.time() - self.t0:.0f}s; final loss "
+                  f"{self.log[-1]['loss']:.4f}; loss curve {self.out_path.with_name(self.name + '_loss.png')}")
+            if self.wandb:
+                self.wandb.finish()
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+        return self.out_path
