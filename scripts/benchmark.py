@@ -41,15 +41,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from model.engine import IncrementalDecoder, build_prompt  # noqa: E402
-from trainer.data import (IGNORE_INDEX, LengthGroupedBatchSampler, VLMCollator, VLMDataset,  # noqa: E402
-                           image_token_ids, load_tokenizer)
+from model.cli import HelpFormatter, default_device  # noqa: E402
+from model.engine import IncrementalDecoder  # noqa: E402
+from model.tokenizer import build_prompt, image_token_ids, load_tokenizer  # noqa: E402
+from trainer.data import IGNORE_INDEX, LengthGroupedBatchSampler, VLMCollator, VLMDataset  # noqa: E402
 from trainer.feature_cache import FeatureCache  # noqa: E402
 from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
 from trainer.train import batch_image_features, make_adamw  # noqa: E402
 from model.vision import (autocast_dtype, encode_images, load_vision_model,  # noqa: E402
-                                make_random_vision_model, vision_fingerprint)
+                          make_random_vision_model, vision_fingerprint)
 
 SIZES = {"27m": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),
          "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)}
@@ -62,10 +63,7 @@ WORDS = ("the a of and in on with is are this that image picture shows small lar
 
 
 def parse_args(argv=None):
-    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        def _get_help_string(self, action):  # no "(default: None)" where the help gives the default
-            return action.help if action.default is None else super()._get_help_string(action)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="27m", help="decoder config")
     p.add_argument("--quick", action="store_true", help="tiny config, few steps: about a minute")
     p.add_argument("--steps", type=int, help="timed training steps per mode (default: 4; quick: 2)")
@@ -73,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_len", type=int, default=640, help="upstream's training length (naive pads to it)")
     p.add_argument("--decode_tokens", type=int, help="tokens per decode run (default: 256; quick: 32)")
     p.add_argument("--epochs", type=int, default=19, help="epochs of the end-to-end estimate (upstream pretrain)")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="device")
+    p.add_argument("--device", default=default_device(), help="device")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast, as in training")
     p.add_argument("--workdir", help="data, tower and cache (default: a new temporary directory)")
@@ -387,7 +385,7 @@ def decode_section(spec):
     tokenizer = load_tokenizer(os.path.join(ROOT, "model/minimind_tokenizer"))
     cfg = LMConfig(**SIZES[spec["size"]], vocab_size=len(tokenizer), image_ids=image_token_ids(tokenizer))
     model = MiniMindVLM(cfg).eval()
-    prompt = build_prompt(tokenizer, [{"role": "user", "content": f"{IMAGE_MARKER}\nDescribe this image."}])
+    prompt = build_prompt([{"role": "user", "content": f"{IMAGE_MARKER}\nDescribe this image."}])
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
     feats = torch.randn(1, 50, 768)
     n = spec["decode_tokens"]

@@ -16,6 +16,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from model.cli import HelpFormatter  # noqa: E402
 
 
 def sh(cmd, capture=False):
@@ -29,19 +30,19 @@ def sh(cmd, capture=False):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = ap.add_argument
-    a("--data_dir", default="dataset/demo")
-    a("--out_dir", default="out/demo")
+    a("--data_dir", default="dataset/demo", help="generated data (reused when it matches the settings)")
+    a("--out_dir", default="out/demo", help="checkpoints, curves, evaluation results")
     a("--n_train", type=int, default=2500, help="training images (each encoded once by the frozen tower)")
     a("--n_eval", type=int, default=300, help="held-out images")
     a("--seed", type=int, default=0, help="data and random-tower seed")
-    a("--dim", type=int, default=128)
-    a("--n_layers", type=int, default=4)
-    a("--batch_size", type=int, default=32)
-    a("--learning_rate", type=float, default=2e-3)
-    a("--pretrain_steps", type=int, default=400)
-    a("--sft_steps", type=int, default=900)
+    a("--dim", type=int, default=128, help="decoder width")
+    a("--n_layers", type=int, default=4, help="decoder blocks")
+    a("--batch_size", type=int, default=32, help="samples per step")
+    a("--learning_rate", type=float, default=2e-3, help="peak learning rate of both stages")
+    a("--pretrain_steps", type=int, default=400, help="stage 1 optimizer steps")
+    a("--sft_steps", type=int, default=900, help="stage 2 optimizer steps")
     a("--num_workers", type=int, default=0, help="0: load batches in the training process; on 2 cores a worker only competes with it")
     args = ap.parse_args()
     t_start = time.time()

@@ -33,11 +33,15 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.cli import HelpFormatter  # noqa: E402
 
 try:  # tqdm is a soft dependency: fall back to a plain iterator.
     from tqdm import tqdm
@@ -529,7 +533,7 @@ def make_demo_data(out_dir: str = "dataset/demo", n_train: int = 10000, n_eval: 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Generate the offline coloured-shapes demo dataset (LLaVA JSON-lines).")
+        description="Generate the offline coloured-shapes demo dataset (LLaVA JSON-lines).", formatter_class=HelpFormatter)
     p.add_argument("--out_dir", default="dataset/demo",
                    help="output directory for images/, *.jsonl and meta.json (default: %(default)s)")
     p.add_argument("--n_train", type=int, default=10000,

@@ -8,12 +8,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.cli import HelpFormatter  # noqa: E402
 from model.vision import make_random_vision_model  # noqa: E402
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out_dir", default=None, help="None: model/clip_model/random-clip-vit-base-patch32-seed{seed}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed")
     a = p.parse_args()
     out = a.out_dir or f"model/clip_model/random-clip-vit-base-patch32-seed{a.seed}"
     print("wrote", make_random_vision_model(out, a.seed))

@@ -6,25 +6,28 @@ the page once the answers have streamed.
       --image dataset/eval_images/02_green_triangle.jpg
 """
 import argparse
+import os
 import shutil
+import sys
 
 from playwright.sync_api import sync_playwright
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.cli import HelpFormatter  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
 
 def main():
-    class Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Fmt)
-    p.add_argument("--url", default="http://127.0.0.1:7788")
-    p.add_argument("--image", default="dataset/eval_images/02_green_triangle.jpg")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:7788", help="the running web_server.py")
+    p.add_argument("--image", default="dataset/eval_images/02_green_triangle.jpg", help="image to upload")
     p.add_argument("--questions", nargs="+", default=["What colour is the shape?", "What shape is it?",
-                                                       "这个图形是什么颜色？"])
+                                                       "这个图形是什么颜色？"], help="questions asked in turn")
     p.add_argument("--temperature", type=float, default=0.0, help="set in the page's Sampling panel")
-    p.add_argument("--out", default="images/web_server.png")
-    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    p.add_argument("--out", default="images/web_server.png", help="the screenshot (PNG)")
+    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium", help="browser binary")
     args = p.parse_args()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)

@@ -36,6 +36,9 @@ import time
 from bisect import bisect_left
 from itertools import accumulate
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.cli import HelpFormatter  # noqa: E402
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "model", "minimind_tokenizer")
 
@@ -74,9 +77,10 @@ CODE_SNIPPETS = [
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the MiniMind-V byte-level BPE tokenizer offline (wordfreq text).")
-    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="output folder (default: model/minimind_tokenizer)")
-    p.add_argument("--vocab_size", type=int, default=6400, help="total vocab size incl. special tokens (default 6400)")
+    p = argparse.ArgumentParser(description="Train the MiniMind-V byte-level BPE tokenizer offline (wordfreq text).",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="output folder")
+    p.add_argument("--vocab_size", type=int, default=6400, help="total vocab size incl. special tokens")
     p.add_argument("--n_words_en", type=int, default=40000, help="number of most frequent English words to sample from")
     p.add_argument("--n_words_zh", type=int, default=40000, help="number of most frequent Chinese words to sample from")
     p.add_argument("--n_sent_en", type=int, default=120000, help="number of English pseudo-sentences")

@@ -1,4 +1,11 @@
-"""Both training scripts, the batch evaluator and a 2-rank DDP run, end to end on CPU with tiny data."""
+"""Both training scripts, the batch evaluator and a 2-rank DDP run, end to end on CPU with tiny data.
+
+Pretraining lowers the loss and writes checkpoint, sidecar and curve; SFT starts from stage 1's file; batch
+evaluation with and without the grey control; clear errors for missing start weights and a missing CLIP
+directory; a 2-process torchrun run trains the same weights as 1 process with twice the batch; batch 4 x 2
+accumulation steps trains the same weights as batch 8; --compile compiles at least one graph and gives
+eager's losses and weights.
+"""
 import json
 import os
 import subprocess
