@@ -133,6 +133,8 @@ def run_batch(args, engine):
                 n, exact, contains = n + 1, exact + hit, contains + has
                 fout.write(json.dumps({"id": e.record.get("id"), "image": e.record.get("image"), "reference": ref,
                                        "prediction": ans, "exact": hit, "contains": has}, ensure_ascii=False) + "\n")
+    if cache is not None:
+        cache.flush()  # the features encoded since the last full shard
     print(f"predictions: {out_path}", file=sys.stderr)
     if skipped:
         kinds = ", ".join(f"{k} {c}" for k, c in Counter(p.kind for p in skipped).items())

@@ -101,7 +101,9 @@ def test_feature_cache_roundtrip_and_keys(tmp_path):
     cache = FeatureCache(tmp_path / "c", "enc1")
     f = torch.randn(50, 768)
     cache.put("k1", f)
-    assert "k1" in cache and cache.on_disk("k1")
+    assert "k1" in cache
+    cache.flush()  # the sharded cache writes on flush (or at shard_mb)
+    assert cache.on_disk("k1")
     fresh = FeatureCache(tmp_path / "c", "enc1")  # another run, or another DDP rank
     assert torch.equal(fresh.get("k1"), f.half())
     assert "k1" not in FeatureCache(tmp_path / "c", "enc2")  # another encoder: another namespace
@@ -140,6 +142,7 @@ def test_cached_features_equal_fresh_ones_and_follow_the_file(tmp_path, random_t
     keys = [image_cache_key(p) for p in paths]
     first = cached_features(tower, keys, cache, keys, pixels)
     assert (cache.hits, cache.misses) == (3, 3)  # encoded once, then read back
+    cache.flush()
     again = cached_features(tower, keys, FeatureCache(tmp_path / "cache", cache.dir.name), keys, pixels)
     fresh = encode_images(tower, pixels)
     assert torch.equal(first, again)

@@ -147,10 +147,12 @@ def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, worl
             if pixels is not None:
                 for k, f in zip(keys, encode_images(vision_model, pixels, amp_dtype)):
                     cache.put(k, f)
+    cache.flush()
     if world > 1:  # every rank learns every rank's bad images (they decide together what to do)
         gathered = [None] * world
-        dist.all_gather_object(gathered, bad)
+        dist.all_gather_object(gathered, bad)  # (also: every rank has written its share of the cache)
         bad = {p: b for part in gathered for p, b in part.items()}
+        cache.refresh()
     return len(paths), len(todo), bad
 
 
@@ -272,7 +274,7 @@ class Run:
     def load_data(self):
         args = self.args
         cache_dir = None if args.no_feature_cache else (args.feature_cache or f"{args.out_dir}/feature_cache")
-        self.cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model))
+        self.cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model), writer=f"rank{self.rank}")
         self.dataset = dataset = VLMDataset(args.data_path, args.images_dir, self.tokenizer, args.max_seq_len,
                                             self.cache, args.max_image_pixels, progress=self.master)
         self.bad.report_reading(dataset)
@@ -473,6 +475,7 @@ class Run:
             from torch._dynamo.utils import counters
             print(f"torch.compile: {counters['stats']['unique_graphs']} graph(s) compiled")
         self.bad.summary(self.ddp, self.stop.group)
+        self.cache.flush()  # features encoded during the loop (images the fill did not cover), if any
         if self.master:
             self.step_in_epoch = 0
             self.save()
