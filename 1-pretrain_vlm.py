@@ -9,7 +9,7 @@ from trainer.train import Recipe, train
 RECIPE = Recipe(
     stage="pretrain",
     description="MiniMind-V stage 1: image-caption pretraining (LLaVA-format data).",
-    data_path="dataset/pretrain_data.jsonl",
+    data_path="dataset/LLaVA-Pretrain/chat-translated.json",  # upstream v1's file and place
     images_dir="dataset/pretrain_images",
     init_suffix="_llm",
     init_help="Download the pretrained MiniMind v1 language model (512_llm.pth, 768_llm.pth or 512_moe_llm.pth, in "

@@ -9,8 +9,8 @@ from trainer.train import Recipe, train
 RECIPE = Recipe(
     stage="sft",
     description="MiniMind-V stage 2: supervised fine-tuning on image Q&A (LLaVA-format data).",
-    data_path="dataset/sft_data.jsonl",
-    images_dir="dataset/sft_images",
+    data_path="dataset/LLaVA-Instruct/llava_instruct_230k.json",  # upstream v1's file and place
+    images_dir="dataset/sft_images",  # COCO_train2014_{name}: found by the prefix lookup
     init_suffix="_vlm_pretrain",
     init_help="Run 1-pretrain_vlm.py first, or download a released *_vlm_pretrain.pth into out/.",
     allow_missing=(),

@@ -221,6 +221,8 @@ def main(argv=None):
     try:
         chat(args)
     except (DataError, CheckpointError, BadImage, FileNotFoundError, InputError) as e:
+        if isinstance(e, DataError) and len(e.problems) > DataError.SHOWN:  # the full list beside the predictions
+            e.save_list(os.path.splitext(args.out or args.ckpt)[0] + "_bad_records.jsonl")
         raise SystemExit(f"error: {e}") from None
 
 

@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from model.cli import HelpFormatter, default_device  # noqa: E402
 from model.engine import IncrementalDecoder  # noqa: E402
 from model.tokenizer import build_prompt, image_token_ids, load_tokenizer  # noqa: E402
-from trainer.data import IGNORE_INDEX, LengthGroupedBatchSampler, VLMCollator, VLMDataset  # noqa: E402
+from trainer.data import IGNORE_INDEX, LengthGroupedBatchSampler, VLMCollator  # noqa: E402
+from trainer.data_index import open_dataset  # noqa: E402
 from trainer.feature_cache import FeatureCache  # noqa: E402
 from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
@@ -262,7 +263,7 @@ def train_mode(spec):
     naive = spec["mode"] == "naive"
     cache = None if naive else FeatureCache(spec["cache"], vision_fingerprint(spec["tower"]), ram_budget_gb=0)
     data = os.path.join(spec["workdir"], f"{spec['stage']}.jsonl")
-    dataset = VLMDataset(data, spec["images"], tokenizer, spec["max_seq_len"], cache)
+    dataset = open_dataset(data, spec["images"], tokenizer, spec["max_seq_len"], feature_cache=cache)
     n_batches = spec["steps"] + 1  # + 1 warm-up step, not timed
     if naive:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()

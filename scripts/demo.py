@@ -43,6 +43,7 @@ def main():
     a("--learning_rate", type=float, default=2e-3, help="peak learning rate of both stages")
     a("--pretrain_steps", type=int, default=400, help="stage 1 optimizer steps")
     a("--sft_steps", type=int, default=900, help="stage 2 optimizer steps")
+    a("--val_fraction", type=float, default=0.04, help="records of each stage held out for the validation loss")
     a("--num_workers", type=int, default=0, help="0: load batches in the training process; on 2 cores a worker only competes with it")
     args = ap.parse_args()
     t_start = time.time()
@@ -72,6 +73,8 @@ def main():
               "--n_layers", args.n_layers, "--batch_size", args.batch_size, "--learning_rate", args.learning_rate,
               "--num_workers", args.num_workers, "--log_interval", 25, "--save_interval", 100000,
               "--max_seq_len", 160, "--seed", args.seed,
+              # a held-out share of each stage's records (by id) gives the validation curve beside the training one
+              "--val_fraction", args.val_fraction, "--eval_interval", 50,
               # every demo sample is about as long as the others: grouping by length would save no padding,
               # only make batches less mixed (one language or one template per batch)
               "--length_group", 1]

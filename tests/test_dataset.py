@@ -19,6 +19,7 @@ from PIL import Image
 from model.LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
 from model.tokenizer import build_prompt
 from trainer.data import IGNORE_INDEX, VLMCollator, VLMDataset, tokenize_conversation
+from trainer.data_index import open_dataset
 from trainer.records import check_record, conversation_to_messages, read_records
 
 
@@ -107,7 +108,7 @@ def test_dataset_and_collator(tmp_path, tokenizer, image_ids):
             rec("<image>\nq", "a", image="missing.png", id_="r2"),
             rec("no marker", "a", id_="r3")]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = VLMDataset(str(tmp_path / "d.jsonl"), str(tmp_path), tokenizer, 640)
+    ds = open_dataset(str(tmp_path / "d.jsonl"), str(tmp_path), tokenizer, 640)
     s0, s1 = ds[0], ds[1]
     assert s0["pixel_values"][0].shape == (3, 224, 224) and s1["pixel_values"][0].shape == (3, 224, 224)
     batch = VLMCollator(pad_id=0)([s0, s1])
@@ -152,3 +153,38 @@ def test_length_grouped_batches_split_global_batches_across_ranks_and_accumulati
     # 101 samples on 2 ranks: padded with one repeat so both ranks run the same number of steps
     ranks = [list(LengthGroupedBatchSampler(lengths + [5], 4, num_replicas=2, rank=r, seed=1)) for r in (0, 1)]
     assert sum(map(len, ranks[0])) == sum(map(len, ranks[1])) == 51
+
+
+def test_record_index_is_kept_and_rebuilt_when_file_or_tokenizer_change(tmp_path, tokenizer):
+    """The index (positions, ids, image names, token lengths, problems) is saved once per (file contents,
+    tokenizer, max_seq_len) and read back equal; a changed file, tokenizer or max_seq_len gets a new one."""
+    import copy
+    import numpy as np
+    from trainer.data_index import load_index
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "a.png")
+    rows = [rec("<image>\nWhat colour?", "red " * (i + 1), id_=f"r{i}") for i in range(30)]
+    rows += [rec("no marker", "a", id_="bad"), rec("<image>\n" + "long " * 300, "x", id_="long")]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows, indent=1))
+    idx_dir = tmp_path / "index"
+    built, how = load_index(data, tokenizer, 200, idx_dir)
+    assert how.startswith("built") and len(list(idx_dir.iterdir())) == 1
+    read, how = load_index(data, tokenizer, 200, idx_dir)
+    assert how == "read" and len(read) == len(built) == 30 and read.n_records == 32
+    for k in ("offset", "size", "line", "length", "name_end"):
+        assert np.array_equal(getattr(read, k), getattr(built, k)), k
+    assert [p.kind for p in read.problems] == [p.kind for p in built.problems] == ["marker_missing", "too_long"]
+    assert read.record(29) == rows[29] and read.id(3) == "r3" and read.names[0] == "a.png"
+    # the lengths are what training makes of each record
+    ds = VLMDataset(read, str(tmp_path), tokenizer, 200)
+    assert [len(ds[i]["input_ids"]) for i in range(30)] == ds.lengths.tolist()
+    # each change is a new index, never the stale one
+    assert load_index(data, tokenizer, 300, idx_dir)[1].startswith("built")
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["<zz>"])
+    assert load_index(data, other, 200, idx_dir)[1].startswith("built")
+    rows[0] = rec("<image>\nWhat colour now?", "blue", id_="r0")
+    data.write_text(json.dumps(rows, indent=1))
+    changed, how = load_index(data, tokenizer, 200, idx_dir)
+    assert how.startswith("built") and changed.record(0) == rows[0] and len(list(idx_dir.iterdir())) == 4
+    assert load_index(data, tokenizer, 200, idx_dir)[1] == "read"

@@ -136,6 +136,36 @@ def test_training_error_stops_before_training_naming_each_record(corpus, random_
         assert f"(id {rid}): image" in p.stderr
 
 
+def test_thousands_of_bad_records_fit_on_a_screen(served_model, random_tower, tmp_path):
+    """2,000 records whose images are all missing: training and batch evaluation stop with the count per kind
+    and the first 20 records (under 40 lines), and the full list of 2,000 in a file whose path they print."""
+    recs = [{"id": f"m{i}", "image": f"gone{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]} for i in range(2000)]
+    data = tmp_path / "missing.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out"
+    p = run(*train_cmd(data, tmp_path, random_tower, out, "--max_steps", 3))
+    assert p.returncode == 1 and TRACEBACK not in p.stderr
+    shown = (p.stdout + p.stderr).strip().splitlines()
+    assert len(shown) < 40, "\n".join(shown)
+    assert "image_missing: 2000" in p.stderr and p.stderr.count("[image_missing]") == 20
+    listed = out / "64_vlm_pretrain_bad_records.jsonl"
+    assert f"all 2000 are listed in {listed}" in p.stderr
+    rows = [json.loads(line) for line in open(listed)]
+    assert len(rows) == 2000 and {r["kind"] for r in rows} == {"image_missing"}
+    assert [r["id"] for r in rows] == [f"m{i}" for i in range(2000)]
+
+    # evaluation: 2,000 records without an answer to score against
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "conversations": [
+        {"from": "human", "value": "hi"}]}) + "\n" for i in range(2000)))
+    ckpt, _ = served_model
+    p = run(sys.executable, "3-eval_chat.py", "--ckpt", ckpt, "--vision_model", random_tower, "--data_path",
+            tmp_path / "eval.jsonl", "--out", tmp_path / "preds.jsonl", "--device", "cpu", "--feature_cache", "")
+    assert p.returncode == 1 and TRACEBACK not in p.stderr
+    assert len((p.stdout + p.stderr).strip().splitlines()) < 40 and "role_order: 2000" in p.stderr
+    assert len(open(tmp_path / "preds_bad_records.jsonl").readlines()) == 2000
+
+
 def order_of_samples(n, batch_size, ranks=1, seed=1337):
     """The records each micro-batch of epoch 0 holds, per rank (as the trainer's sampler makes them)."""
     return [list(LengthGroupedBatchSampler([0] * n, batch_size, ranks, r, seed, group=1)) for r in range(ranks)]

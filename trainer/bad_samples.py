@@ -48,18 +48,18 @@ class BadSamples:
         return [json.dumps({**p.to_dict(), "phase": phase, "step": step, "epoch": epoch, "rank": rank},
                            ensure_ascii=False) for p in problems]
 
-    def report_reading(self, dataset):
-        """The problems found reading the dataset: the same on every rank."""
+    def report_reading(self, dataset, phase="reading the dataset"):
+        """The problems found reading a dataset: the same on every rank."""
         dropped = [p for p in dataset.problems if p.severity == "drop"]
         notes = [p for p in dataset.problems if p.severity == "note"]
         if self.master:
-            self._write(self._lines(dropped, "reading the dataset", 0))
+            self._write(self._lines(dropped, phase, 0))
             if dropped:
                 print(f"left out {len(dropped)} record(s) whose first turn is longer than --max_seq_len "
                       f"{dataset.max_seq_len} (e.g. {dropped[0].where()}); listed in {self.path}")
             if notes:
                 print(f"{len(notes)} record(s) longer than --max_seq_len: their later turns are left out whole")
-        self.found([p for p in dataset.problems if p.severity == "error"], "reading the dataset", 0)
+        self.found([p for p in dataset.problems if p.severity == "error"], phase, 0)
 
     def found(self, problems, phase, step):
         """Problems every rank knows about, found before training."""

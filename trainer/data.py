@@ -5,17 +5,20 @@ projected CLIP tokens of the corresponding image. Loss is on every assistant ans
 Images are decoded here, inside DataLoader workers; the frozen encoder runs in the training process.
 """
 import math
+import os
+from collections import Counter
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from model.LMConfig import IMAGE_PLACEHOLDER
 from model.tokenizer import ANSWER_END, ChatFormatError, image_token_ids, split_turns, turn_texts
-from model.vision import MAX_IMAGE_PIXELS, BadImage, load_image
+from model.vision import MAX_IMAGE_PIXELS, BadImage, check_image_file, load_image
 
 from .feature_cache import image_cache_key
-from .records import (DataError, Problem, RecordError, check_records, conversation_to_messages, image_paths,
-                      read_records)
+from .records import (UPSTREAM_IMAGE_PREFIXES, Problem, RecordError, conversation_to_messages, missing_image_detail,
+                      resolve_image)
 
 IGNORE_INDEX = -100
 
@@ -117,48 +120,85 @@ def measure_entries(tokenizer, entries, file, max_seq_len, progress=False):
 
 
 class VLMDataset(Dataset):
-    """The usable records of a dataset file. Per sample: input_ids, labels, image_keys and, for images whose
-    features are not in the on-disk feature cache yet, their preprocessed pixels.
+    """The usable records of a dataset file (a RecordIndex, trainer/data_index.py), or of a part of them.
+    Per sample: input_ids, labels, image_keys and, for images whose features are not in the on-disk feature
+    cache yet, their preprocessed pixels.
 
-    Reading the file finds every record problem that needs no image decoding (trainer/records.py): bad JSON,
-    structure, roles, markers, missing or empty image files, a first turn over max_seq_len. They are in
-    `problems` (with the notes), and those records are not samples. An image that turns out bad when decoded
-    makes its sample {"index": i, "problem": Problem} instead of raising: the collator sets it aside and the
-    trainer decides (--on_bad_sample)."""
+    Every record problem that needs no image decoding is found before training: those the index found (bad
+    JSON, structure, roles, markers, a first turn over max_seq_len, notes), and missing or empty image files,
+    looked for here at each start (files come and go). They are in `problems`, and those records are not
+    samples. Image names are found as given or with upstream's prefix (records.resolve_image); `image_lookup`
+    counts which. An image that turns out bad when decoded makes its sample {"index": i, "problem": Problem}
+    instead of raising: the collator sets it aside and the trainer decides (--on_bad_sample).
 
-    def __init__(self, data_path, images_dir, tokenizer, max_seq_len=640, feature_cache=None,
-                 max_image_pixels=MAX_IMAGE_PIXELS, progress=False):
-        self.data_path, self.images_dir = str(data_path), images_dir
+    rows: the index rows this dataset holds (None: all); `problems` then has only theirs, as chosen by
+    `problem_filter(problem) -> bool`. (trainer/data_index.open_dataset builds or reads the index first.)"""
+
+    def __init__(self, index, images_dir, tokenizer, max_seq_len=640, feature_cache=None,
+                 max_image_pixels=MAX_IMAGE_PIXELS, rows=None, problem_filter=None):
+        self.index, self.data_path, self.images_dir = index, index.path, images_dir
         self.tokenizer, self.max_seq_len, self.max_image_pixels = tokenizer, max_seq_len, max_image_pixels
         self.feature_cache = feature_cache  # FeatureCache or None; only its on-disk part is seen by workers
         self.image_ids = image_token_ids(tokenizer)
-        entries, self.problems = read_records(self.data_path)
-        if not entries and not self.problems:
-            raise DataError([], f"{self.data_path}: no records")
-        checked, found = check_records(entries, self.data_path, images_dir)
-        self.problems += found
-        self.entries, self.lengths, length_problems = measure_entries(tokenizer, checked, self.data_path,
-                                                                      max_seq_len, progress)
-        self.problems += length_problems
+        rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.problems = [p for p in index.problems if problem_filter is None or problem_filter(p)]
+        self.prefix_of = np.zeros(len(index.names), dtype=np.uint8)  # per name slot: 0 as given, k: prefix k-1
+        missing = self.find_images(rows)
+        self.problems = sorted(self.problems + list(missing.values()), key=lambda p: p.line or 0)
+        self.rows = rows[[r not in missing for r in rows.tolist()]] if missing else rows
+        self.lengths = index.length[self.rows]
+
+    def find_images(self, rows):
+        """Resolve every image name of these rows (each distinct name stat-ed once); {row: Problem} for the
+        rows with a missing or empty image file."""
+        seen, bad = {}, {}
+        self.image_lookup = Counter()
+        index = self.index
+        for r in rows.tolist():
+            for slot in index.name_slots(r):
+                name = index.names[slot]
+                if name not in seen:
+                    path, prefix = resolve_image(self.images_dir, name)
+                    try:
+                        check_image_file(path, f"image {path}")
+                        seen[name] = (UPSTREAM_IMAGE_PREFIXES.index(prefix) + 1 if prefix else 0, None)
+                    except BadImage as e:
+                        seen[name] = (0, (e.kind, missing_image_detail(path) if e.kind == "image_missing" else str(e)))
+                code, problem = seen[name]
+                self.prefix_of[slot] = code
+                self.image_lookup["bad" if problem else UPSTREAM_IMAGE_PREFIXES[code - 1] if code else ""] += 1
+                if problem and r not in bad:
+                    bad[r] = index.problem(r, *problem)
+        return bad
+
+    def image_lookup_text(self) -> str:
+        """How the image names were found: 'N as named, M with upstream's prefix COCO_train2014_, K missing'."""
+        label = {"": "as named", "bad": "missing or empty"}
+        return ", ".join(f"{n} {label.get(how, f'with the prefix {how}')}"
+                         for how, n in sorted(self.image_lookup.items())) or "no images"
 
     def keep(self, indices):
         """Only these samples from now on (records whose images turned out bad are left out)."""
-        indices = sorted(indices)
-        self.entries = [self.entries[i] for i in indices]
-        self.lengths = [self.lengths[i] for i in indices]
+        self.rows = self.rows[np.sort(np.asarray(indices, dtype=np.int64))]
+        self.lengths = self.index.length[self.rows]
 
     def __len__(self):
-        return len(self.entries)
+        return len(self.rows)
 
     def problem(self, i, kind, detail) -> Problem:
-        e = self.entries[i]
-        return Problem(kind, self.data_path, e.line, e.id, detail)
+        return self.index.problem(self.rows[i], kind, detail)
 
     def image_paths(self, i):
-        return image_paths(self.entries[i].record, self.images_dir)
+        index, r = self.index, self.rows[i]
+        paths = []
+        for slot in index.name_slots(r):
+            head, tail = os.path.split(index.names[slot])
+            code = self.prefix_of[slot]
+            paths.append(os.path.join(self.images_dir, head, (UPSTREAM_IMAGE_PREFIXES[code - 1] if code else "") + tail))
+        return paths
 
     def __getitem__(self, i):
-        messages = conversation_to_messages(self.entries[i].record)
+        messages = conversation_to_messages(self.index.record(self.rows[i]))
         ids, labels, n_images = encode_chat(self.tokenizer, messages, self.max_seq_len)
         keys, pixels = [], []
         for p in self.image_paths(i)[:n_images]:

@@ -22,7 +22,7 @@ from model.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from model.vision import MAX_IMAGE_PIXELS, BadImage, open_image_header, read_image
 
 from .data import measure_entries
-from .records import PROBLEMS, Problem, check_records, image_paths, read_records
+from .records import PROBLEMS, Problem, check_records, image_paths, missing_image_detail, read_records
 
 EXTENSIONS = {"JPEG": (".jpg", ".jpeg", ".jfif"), "PNG": (".png",), "GIF": (".gif",), "BMP": (".bmp",),
               "WEBP": (".webp",), "TIFF": (".tif", ".tiff"), "MPO": (".jpg", ".jpeg")}
@@ -117,6 +117,7 @@ def scan(data_path, images_dir, tokenizer, max_seq_len, max_image_pixels=None, d
     bad_image = set()
     for path, found in results:
         for kind, detail in found:
+            detail = missing_image_detail(path) if kind == "image_missing" else detail
             for e in users[path]:
                 problems.append(Problem(kind, data_path, e.line, e.id, detail))
                 if PROBLEMS[kind][0] == "error":

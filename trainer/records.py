@@ -15,6 +15,7 @@ Every problem names its file, the line the record starts on and its id.
 """
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -70,14 +71,37 @@ class Problem:
 
 
 class DataError(ValueError):
-    """Records that cannot be used. The message lists them (kind, file:line, id, what is wrong)."""
+    """Records that cannot be used. The message fits on a screen whatever their number: the count per kind and
+    the first SHOWN records (kind, file:line, id, what is wrong); save_list writes all of them to a file and
+    the message names it."""
+    SHOWN = 20
 
     def __init__(self, problems, header="bad data"):
-        self.problems = list(problems)
-        lines = [f"  [{p.kind}] {p.message()}" for p in self.problems[:20]]
-        if len(self.problems) > 20:
-            lines.append(f"  ... and {len(self.problems) - 20} more")
-        super().__init__("\n".join([header + (":" if lines else "")] + lines))
+        self.problems, self.header, self.list_path = list(problems), header, None
+        super().__init__(header)
+
+    def save_list(self, path):
+        """Every problem as a JSON line in `path`; the message then ends with where the full list is."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in self.problems),
+                              encoding="utf-8")
+        self.list_path = str(path)
+
+    def __str__(self):
+        if not self.problems:
+            return self.header
+        n = len(self.problems)
+        counts = Counter(p.kind for p in self.problems)
+        lines = [f"{self.header}:"]
+        if n > 1:
+            lines.append("  " + ", ".join(f"{k}: {c}" for k, c in counts.most_common()) + f" ({n} in all)")
+        lines += [f"  [{p.kind}] {p.message()}" for p in self.problems[:self.SHOWN]]
+        if n > self.SHOWN:
+            lines.append(f"  ... and {n - self.SHOWN} more" +
+                         (f"; all {n} are listed in {self.list_path}" if self.list_path else ""))
+        elif self.list_path:
+            lines.append(f"  (also listed in {self.list_path})")
+        return "\n".join(lines)
 
 
 class RecordError(ValueError):
@@ -90,9 +114,11 @@ class RecordError(ValueError):
 
 @dataclass
 class Entry:
-    """A record and the line of its file it starts on."""
+    """A record, the line of its file it starts on, and where its bytes are (so it can be read again alone)."""
     line: int
     record: dict
+    offset: int = -1  # byte offset of the record in its file
+    size: int = 0  # its length in bytes
 
     @property
     def id(self):
@@ -101,62 +127,88 @@ class Entry:
 
 
 def read_records(path):
-    """([Entry], [Problem]) from a JSON list or a JSON-lines file. In a JSON-lines file a bad line is a problem
-    and reading goes on; a JSON list that does not parse cannot be read past the error (one problem, no
-    records). Records keep their line numbers either way."""
+    """([Entry], [Problem]) from a JSON list or a JSON-lines file (see iter_records)."""
+    entries, problems = [], []
+    for item in iter_records(path):
+        (entries if isinstance(item, Entry) else problems).append(item)
+    return entries, problems
+
+
+def iter_records(path):
+    """Entries and Problems, in file order, from a JSON list or a JSON-lines file. In a JSON-lines file a bad
+    line is a problem and reading goes on; a JSON list that does not parse cannot be read past the error (one
+    problem, no more records). Records keep their line numbers and byte positions either way."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file {path} does not exist")
     raw = Path(path).read_bytes()
     if raw.lstrip()[:1] == b"[":
-        return _read_json_list(path, raw)
-    entries, problems = [], []
+        yield from _iter_json_list(path, raw)
+        return
+    offset = 0
     for lineno, line in enumerate(raw.split(b"\n"), 1):
+        start, offset = offset, offset + len(line) + 1
         if not line.strip():
             continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(Problem("bad_encoding", path, lineno, None, f"not UTF-8 at byte {e.start} of the line"))
+            yield Problem("bad_encoding", path, lineno, None, f"not UTF-8 at byte {e.start} of the line")
             continue
         try:
-            entries.append(Entry(lineno, json.loads(text)))
+            yield Entry(lineno, json.loads(text), start, len(line))
         except json.JSONDecodeError as e:
-            problems.append(Problem("bad_json", path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})"))
-    return entries, problems
+            yield Problem("bad_json", path, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
 
 
-def _read_json_list(path, raw):
+def _iter_json_list(path, raw):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return [], [Problem("bad_encoding", path, raw[:e.start].count(b"\n") + 1, None,
-                            "not UTF-8; the JSON list cannot be read past this line")]
-    decoder, entries = json.JSONDecoder(), []
+        yield Problem("bad_encoding", path, raw[:e.start].count(b"\n") + 1, None,
+                      "not UTF-8; the JSON list cannot be read past this line")
+        return
+    decoder = json.JSONDecoder()
     pos, line, counted = text.index("[") + 1, 1, 0
+    byte = len(text[:pos].encode("utf-8"))  # the byte offset of character `pos`
 
-    def skip(p):  # whitespace and one comma
+    def skip(p):  # whitespace
         while p < len(text) and text[p] in " \t\r\n":
             p += 1
         return p
+
+    def advance(p, q):  # the byte offset of q, from p's
+        return len(text[p:q].encode("utf-8"))
     try:
-        pos = skip(pos)
+        start = skip(pos)
+        byte += advance(pos, start)
+        pos = start
         while pos < len(text) and text[pos] != "]":
             line += text.count("\n", counted, pos)
             counted = pos
-            rec, pos = decoder.raw_decode(text, pos)
-            entries.append(Entry(line, rec))
-            pos = skip(pos)
-            if pos < len(text) and text[pos] == ",":
-                pos = skip(pos + 1)
-            elif pos < len(text) and text[pos] != "]":
-                raise json.JSONDecodeError("Expecting ',' or ']'", text, pos)
+            rec, end = decoder.raw_decode(text, pos)
+            size = advance(pos, end)
+            yield Entry(line, rec, byte, size)
+            byte += size
+            nxt = skip(end)
+            if nxt < len(text) and text[nxt] == ",":
+                nxt = skip(nxt + 1)
+            elif nxt < len(text) and text[nxt] != "]":
+                raise json.JSONDecodeError("Expecting ',' or ']'", text, nxt)
+            byte += advance(end, nxt)
+            pos = nxt
         if pos >= len(text):
             raise json.JSONDecodeError("the list is not closed with ']'", text, pos)
     except json.JSONDecodeError as e:
-        return entries, [Problem("bad_json", path, e.lineno, None,
-                                 f"invalid JSON: {e.msg} (column {e.colno}); the list cannot be read past it")]
-    return entries, []
+        yield Problem("bad_json", path, e.lineno, None,
+                      f"invalid JSON: {e.msg} (column {e.colno}); the list cannot be read past it")
+
+
+def read_record_at(path, offset, size):
+    """The record whose bytes are at (offset, size) of the file (as Entry.offset/size give them)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return json.loads(f.read(size))
 
 
 def record_images(rec) -> list:
@@ -203,8 +255,33 @@ def check_record(entry: Entry, file: str):
     return []
 
 
+# Upstream v1's instruction data names an image "000000334872.jpg" while the file in sft_images/ is
+# "COCO_train2014_000000334872.jpg" (its SFTDataset adds the prefix when it opens the file). A name is looked
+# up as given first, then with each of these prefixes.
+UPSTREAM_IMAGE_PREFIXES = ("COCO_train2014_",)
+
+
+def resolve_image(images_dir, name) -> tuple:
+    """(path, prefix used): `name` as given if that file exists, else with the first of UPSTREAM_IMAGE_PREFIXES
+    that exists, else as given ("" : the caller finds it missing)."""
+    path = os.path.join(images_dir, name)
+    if not os.path.exists(path):
+        head, tail = os.path.split(name)
+        for prefix in UPSTREAM_IMAGE_PREFIXES:
+            alt = os.path.join(images_dir, head, prefix + tail)
+            if os.path.exists(alt):
+                return alt, prefix
+    return path, ""
+
+
 def image_paths(rec, images_dir) -> list:
-    return [os.path.join(images_dir, p) for p in record_images(rec)]
+    return [resolve_image(images_dir, p)[0] for p in record_images(rec)]
+
+
+def missing_image_detail(path) -> str:
+    head, tail = os.path.split(path)
+    tried = " nor ".join(os.path.join(head, p + tail) for p in UPSTREAM_IMAGE_PREFIXES)
+    return f"image {path} does not exist (nor {tried})"
 
 
 def conversation_to_messages(rec) -> list:
@@ -218,7 +295,8 @@ def file_problems(entry: Entry, file: str, images_dir) -> list:
         for p in image_paths(entry.record, images_dir):
             check_image_file(p, f"image {p}")
     except BadImage as err:
-        return [Problem(err.kind, file, entry.line, entry.id, str(err))]
+        detail = missing_image_detail(p) if err.kind == "image_missing" else str(err)
+        return [Problem(err.kind, file, entry.line, entry.id, detail)]
     return []
 
 

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -30,6 +31,7 @@ from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, cached
 from .bad_samples import BadSamples, filler_row
 from .data import ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset, collate_images
 from .data_check import run_check
+from .data_index import held_out, held_out_record, load_index
 from .feature_cache import FeatureCache, image_cache_key
 from .records import DataError
 from .resume import (StopRequest, ignore_sigint, keep_step_checkpoint, kill_for_tests, load_resume_state,
@@ -66,8 +68,17 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without account)")
     a("--wandb_project", default=f"MiniMind-V-{r.stage}", help="Weights & Biases project")
     a("--num_workers", type=int, default=2, help="DataLoader worker processes (image decoding)")
-    a("--data_path", default=r.data_path, help="LLaVA-format .json list or .jsonl")
-    a("--images_dir", default=r.images_dir, help="directory the records' image paths are relative to")
+    a("--data_path", default=r.data_path, help="LLaVA-format .json list or .jsonl (default: upstream v1's file, "
+                                                "where its README puts it)")
+    a("--images_dir", default=r.images_dir, help="directory the records' image names are relative to; a name is "
+                                                 "looked up as given, then with upstream's 'COCO_train2014_' prefix")
+    a("--val_data_path", default=None, help="held-out LLaVA-format file for the validation loss")
+    a("--val_images_dir", default=None, help="images of --val_data_path (None: --images_dir)")
+    a("--val_fraction", type=float, default=0.0, help="hold out this share of --data_path's records for the "
+                                                       "validation loss instead (chosen by a hash of the record id)")
+    a("--eval_interval", type=int, default=500, help="optimizer steps between validation losses (also one at the end)")
+    a("--data_index", default=None, help="where record indexes (token lengths, positions) are kept between runs "
+                                         "(None: {out_dir}/data_index)")
     a("--ddp", action="store_true", help="use DDP (implied when started by torchrun)")
     a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this")
@@ -131,11 +142,11 @@ def lr_at(step, total, peak, warmup):
     return peak / 10 + 0.5 * (peak - peak / 10) * (1 + math.cos(math.pi * progress))
 
 
-def fill_feature_cache(dataset, vision_model, cache, args, amp_dtype, rank, world):
-    """Encode every not-yet-cached image of the dataset once, split across ranks. Returns (images, newly
+def fill_feature_cache(datasets, vision_model, cache, args, amp_dtype, rank, world):
+    """Encode every not-yet-cached image of the datasets once, split across ranks. Returns (images, newly
     encoded, {path: (problem kind, message)} for the images that could not be decoded, the same on every
     rank)."""
-    paths = sorted({p for i in range(len(dataset)) for p in dataset.image_paths(i)})
+    paths = sorted({p for d in datasets for i in range(len(d)) for p in d.image_paths(i)})
     todo = [p for p in paths[rank::world] if not cache.on_disk(image_cache_key(p))]
     bad = {}
     if todo:
@@ -178,13 +189,19 @@ def make_adamw(params, lr):
 
 
 def save_loss_curve(log, path, title):
+    """Training loss and, where the log has it, validation loss against the step, on one plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in log], [r["loss"] for r in log])
+    train = [r for r in log if "loss" in r]
+    val = [r for r in log if "val_loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -208,10 +225,17 @@ def train(recipe: Recipe, argv=None):
     except (DataError, CheckpointError, BadImage, FileNotFoundError) as e:
         shared = isinstance(e, DataError)  # every rank found the same problems: one message is enough
         if not shared or int(os.environ.get("RANK", 0)) == 0:
+            if isinstance(e, DataError) and len(e.problems) > DataError.SHOWN:
+                e.save_list(Path(args.out_dir) / f"{run_name(recipe, args)}_bad_records.jsonl")
             print(f"error: {e}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         raise SystemExit(1) from None
+
+
+def run_name(recipe: Recipe, args) -> str:
+    """The stem of the run's files in --out_dir: {dim}[_moe]_vlm_{stage}."""
+    return f"{args.dim}{'_moe' if args.use_moe else ''}_vlm_{recipe.stage}"
 
 
 def run(recipe: Recipe, args):
@@ -251,7 +275,7 @@ class Run:
                                             if args.init_from == "auto" else args.init_from)
         self.raw_model.to(self.device)
         self.vision_model = load_vision_model(args.vision_model, self.device)
-        self.name = f"{args.dim}{moe}_vlm_{recipe.stage}"
+        self.name = run_name(recipe, args)
         out = Path(args.out_dir)
         self.out_path = out / f"{self.name}.{args.save_format}"
         self.resume_path = out / f"{self.name}_resume.pt"
@@ -275,28 +299,77 @@ class Run:
         args = self.args
         cache_dir = None if args.no_feature_cache else (args.feature_cache or f"{args.out_dir}/feature_cache")
         self.cache = FeatureCache(cache_dir, vision_fingerprint(args.vision_model), writer=f"rank{self.rank}")
-        self.dataset = dataset = VLMDataset(args.data_path, args.images_dir, self.tokenizer, args.max_seq_len,
-                                            self.cache, args.max_image_pixels, progress=self.master)
+        self.dataset, self.val_dataset = dataset, val = self.open_datasets()
         self.bad.report_reading(dataset)
+        if val is not None:
+            self.bad.report_reading(val, "reading the validation data")
         if cache_dir is not None:
-            n_images, n_new, bad_images = fill_feature_cache(dataset, self.vision_model, self.cache, args,
+            parts = [d for d in (dataset, val) if d is not None]
+            n_images, n_new, bad_images = fill_feature_cache(parts, self.vision_model, self.cache, args,
                                                              self.amp_dtype, self.rank, self.world)
             if self.master:
                 print(f"feature cache {self.cache.dir}: {n_images} images, {n_new} newly encoded by rank 0")
-            self.bad.leave_out_bad_images(dataset, bad_images)
+            for d in parts:
+                self.bad.leave_out_bad_images(d, bad_images)
         if len(dataset) == 0:
             raise DataError([], f"{args.data_path}: no usable records left")
+        if val is not None:
+            if len(val) == 0:
+                raise DataError([], f"{val.data_path}: no usable validation records")
+            by_length = np.argsort(-val.lengths, kind="stable").tolist()  # little padding; no randomness
+            batches = [by_length[i:i + args.batch_size] for i in range(0, len(by_length), args.batch_size)]
+            self.val_batches = batches[self.rank::self.world]
         # One sampler for every case, so a 2-rank run sees exactly the batches of 1 rank with twice the batch.
         lengths = dataset.lengths if args.length_group > 1 else [0] * len(dataset)
         self.sampler = LengthGroupedBatchSampler(lengths, args.batch_size, self.world, self.rank, args.seed,
                                                  args.length_group, args.accumulation_steps)
+        self.collate = VLMCollator(pad_id=self.tokenizer.pad_token_id or 0)
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=args.num_workers,
-                                 collate_fn=VLMCollator(pad_id=self.tokenizer.pad_token_id or 0),
+                                 collate_fn=self.collate,
                                  worker_init_fn=ignore_sigint, pin_memory=self.device.type == "cuda",
                                  persistent_workers=args.num_workers > 0)
         self.steps_per_epoch = max(1, len(self.loader) // args.accumulation_steps)
         self.total_steps = args.max_steps if args.max_steps > 0 else args.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def open_datasets(self):
+        """(training dataset, validation dataset or None). Each file's record index is read from --data_index,
+        or built by rank 0 and saved there while the other ranks wait, then read."""
+        args = self.args
+        index_dir = args.data_index or f"{args.out_dir}/data_index"
+
+        def index_of(path):
+            index, how = (load_index(path, self.tokenizer, args.max_seq_len, index_dir, progress=True)
+                          if self.master else (None, ""))
+            if self.ddp:
+                dist.barrier()
+            if not self.master:  # rank 0's file, or (a disk rank 0 does not share) our own
+                index, how = load_index(path, self.tokenizer, args.max_seq_len, index_dir)
+            if self.master:
+                print(f"{path}: {index.n_records} records, index {how}")
+            return index
+
+        def dataset(index, images_dir, rows=None, keep_problem=None):
+            d = VLMDataset(index, images_dir, self.tokenizer, args.max_seq_len, self.cache, args.max_image_pixels,
+                           rows=rows, problem_filter=keep_problem)
+            if self.master:
+                print(f"{index.path}: {len(d)} samples; image files in {images_dir}: {d.image_lookup_text()}")
+            return d
+
+        index = index_of(args.data_path)
+        if args.val_data_path:
+            if args.val_fraction:
+                raise SystemExit("--val_data_path and --val_fraction: give one of them")
+            val = dataset(index_of(args.val_data_path), args.val_images_dir or args.images_dir)
+            return dataset(index, args.images_dir), val
+        if not args.val_fraction:
+            return dataset(index, args.images_dir), None
+        if not 0 < args.val_fraction < 1:
+            raise SystemExit(f"--val_fraction {args.val_fraction}: must be between 0 and 1")
+        held = held_out(index, args.val_fraction)
+        in_val = lambda p: held_out_record(p.id, p.line, args.val_fraction)  # noqa: E731
+        return (dataset(index, args.images_dir, np.flatnonzero(~held), lambda p: not in_val(p)),
+                dataset(index, args.val_images_dir or args.images_dir, np.flatnonzero(held), in_val))
 
     # -- model and optimizer ---------------------------------------------------------------------------------
 
@@ -345,7 +418,7 @@ class Run:
 
     def loop(self):
         args, accumulation = self.args, self.args.accumulation_steps
-        self.t0, self.tokens, self.loss_sum = time.time(), 0, torch.zeros((), device=self.device)
+        self.t0, self.tokens, self.samples, self.loss_sum = time.time(), 0, 0, torch.zeros((), device=self.device)
         self.stop = StopRequest(self.ddp)
         self.filler = filler_row(self.cfg, self.device)
         self.model.train()
@@ -375,6 +448,7 @@ class Run:
                 if batch["input_ids"] is not None:  # a filler row's zero loss is not logged
                     self.loss_sum += loss.detach()
                     self.tokens += int(input_ids.numel())
+                    self.samples += int(input_ids.shape[0])
                 if not last_micro:
                     continue
                 self.scaler.unscale_(self.optimizer)
@@ -387,6 +461,9 @@ class Run:
                 self.progress.update(1)
                 if self.step % args.log_interval == 0 or self.step == self.total_steps:
                     self.log_loss(lr)
+                if self.val_dataset is not None and (self.step % args.eval_interval == 0
+                                                     or self.step == self.total_steps):
+                    self.log_val_loss()
                 if self.master and self.step % args.save_interval == 0:
                     self.save()
                     if args.keep_last > 0:
@@ -408,7 +485,7 @@ class Run:
         return (batch["input_ids"].to(self.device, non_blocking=True),
                 batch["labels"].to(self.device, non_blocking=True), features)
 
-    def handle_bad_samples(self, batch):
+    def handle_bad_samples(self, batch, where=None):
         """error: if any rank's micro-batch has a bad sample, every rank stops (rank 0 saves the last finished
         step first, which --resume continues from). skip: the bad samples are listed."""
         if self.args.on_bad_sample == "skip":
@@ -419,7 +496,8 @@ class Run:
         if found:
             self.progress.close()
             self.save_and_close()
-            raise DataError(found, f"bad sample(s) in the batch of step {self.step + 1} (epoch {self.epoch}); saved "
+            where = where or f"in the batch of step {self.step + 1}"
+            raise DataError(found, f"bad sample(s) {where} (epoch {self.epoch}); saved "
                             f"{self.out_path} and {self.resume_path} at step {self.step}. Fix or remove the record, "
                             "then run the same command with --resume (or add --on_bad_sample skip)")
 
@@ -440,14 +518,44 @@ class Run:
         self.loss_sum.zero_()
         elapsed = time.time() - self.t0
         rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr,
-               "tokens_per_s": self.tokens * self.world / elapsed, "elapsed_s": elapsed}
+               "tokens_per_s": self.tokens * self.world / elapsed, "samples_per_s": self.samples * self.world / elapsed,
+               "elapsed_s": elapsed}
+        if self.device.type == "cuda":
+            rec["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        self.write_log(rec, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def write_log(self, rec, **shown):
         self.log.append(rec)
         if self.master:
             with open(self.log_path, "a") as f:  # written as it goes: a run that dies keeps its curve
                 f.write(json.dumps(rec) + "\n")
-            self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            self.progress.set_postfix(**shown)
             if self.wandb:
                 self.wandb.log(rec, step=self.step)
+
+    def log_val_loss(self):
+        """The validation loss: the mean token loss over the whole validation set, without gradients. Each rank
+        takes its share of the batches; loss sums and token counts are added over ranks, so 1 or N ranks give
+        the same figure. Bad validation samples are handled as training's are (--on_bad_sample)."""
+        self.raw_model.eval()
+        sums, problems = torch.zeros(2, dtype=torch.float64), []
+        with torch.no_grad(), self.autocast:
+            for rows in tqdm(self.val_batches, desc="validation", disable=not self.master, leave=False, unit="batch"):
+                batch = self.collate([self.val_dataset[i] for i in rows])
+                problems += batch["problems"]
+                if batch["input_ids"] is None:
+                    continue
+                input_ids, labels, features = self.inputs(batch)
+                n = (labels[:, 1:] != -100).sum()
+                loss = self.raw_model(input_ids, features, labels=labels, loss_only=True).loss
+                sums += torch.stack([loss.double() * n, n.double()]).cpu()
+        self.raw_model.train()
+        self.handle_bad_samples({"problems": problems}, f"in the validation data at step {self.step}")
+        if self.ddp:
+            dist.all_reduce(sums, group=self.stop.group)  # a CPU tensor: the gloo group under nccl too
+        val_loss = (sums[0] / sums[1].clamp(min=1)).item()
+        self.write_log({"step": self.step, "epoch": self.epoch, "val_loss": val_loss, "val_tokens": int(sums[1]),
+                        "elapsed_s": time.time() - self.t0}, val_loss=f"{val_loss:.4f}")
 
     # -- saving and finishing ----------------------------------------------------------------------------------
 
@@ -479,8 +587,11 @@ class Run:
         if self.master:
             self.step_in_epoch = 0
             self.save()
+            last = [r for r in self.log if "loss" in r][-1]
+            val = [r for r in self.log if "val_loss" in r]
             print(f"saved {self.out_path} after {self.step} steps in {time.time() - self.t0:.0f}s; final loss "
-                  f"{self.log[-1]['loss']:.4f}; loss curve {self.out_path.with_name(self.name + '_loss.png')}")
+                  f"{last['loss']:.4f}" + (f", validation loss {val[-1]['val_loss']:.4f}" if val else "") +
+                  f"; loss curve {self.out_path.with_name(self.name + '_loss.png')}")
             if self.wandb:
                 self.wandb.finish()
         if self.ddp:
