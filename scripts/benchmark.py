@@ -54,6 +54,7 @@ from model.vision import (autocast_dtype, encode_images, load_vision_model,  # n
                           make_random_vision_model, vision_fingerprint)
 
 SIZES = {"27m": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),
+         "109m": dict(dim=768, n_layers=16, n_heads=16, n_kv_heads=8),
          "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2)}
 WORDS = ("the a of and in on with is are this that image picture shows small large red blue green yellow "
          "orange purple circle square triangle cross background light dark left right top bottom near far "
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", help="data, tower and cache (default: a new temporary directory)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--skip_naive", action="store_true", help="only measure ours")
+    p.add_argument("--train_only", action="store_true",
+                   help="only the matmul peak (for MFU) and training: no encoder or decoding section")
     args = p.parse_args(argv)
     q = args.quick
     args.size = "tiny" if q else args.size
@@ -438,7 +441,7 @@ def main(argv=None):
                        "memory_gb_per_s": memory_bandwidth(device, 64 if args.quick else 256)}
     # The frozen encoder
     tower = load_vision_model(tower_dir, device)
-    res["encoder"] = {
+    res["encoder"] = {} if args.train_only else {
         "fp32_batch32_images_per_s": encoder_speed(tower, device, None, 8 if args.quick else 32,
                                                    1 if args.quick else 3),
         "fp32_batch1_images_per_s": encoder_speed(tower, device, None, 1, 4 if args.quick else 16),
@@ -459,16 +462,16 @@ def main(argv=None):
         res["train"][stage] = modes
         print(f"  {stage}: done ({time.time() - t_start:.0f}s)", file=sys.stderr)
 
-    res["decode"] = run_isolated(decode_section, dict(spec, decode_tokens=args.decode_tokens,
-                                                      skip_naive=args.skip_naive))
-
-    d = res["decode"]  # single-stream decoding reads every weight once per token
-    d["bandwidth_bound_tokens_per_s"] = res["hardware"]["memory_gb_per_s"] * 1e9 / d["weight_bytes"]
+    if not args.train_only:
+        res["decode"] = run_isolated(decode_section, dict(spec, decode_tokens=args.decode_tokens,
+                                                          skip_naive=args.skip_naive))
+        d = res["decode"]  # single-stream decoding reads every weight once per token
+        d["bandwidth_bound_tokens_per_s"] = res["hardware"]["memory_gb_per_s"] * 1e9 / d["weight_bytes"]
     peak = res["hardware"]["matmul_bf16_gflops" if amp == torch.bfloat16 else "matmul_fp32_gflops"]
     for stage, modes in res["train"].items():
         for m in modes.values():
             m["mfu"] = m["model_tflops_per_s"] * 1e3 / peak
-    if not args.skip_naive:
+    if not args.skip_naive and not args.train_only:
         ratios = {}
         for stage, m in res["train"].items():
             cold, warm, naive = m["ours_cold"]["step_s"], m["ours_warm"]["step_s"], m["naive"]["step_s"]
@@ -498,17 +501,18 @@ def print_table(res):
            f"matmul peak: fp32 {res['hardware']['matmul_fp32_gflops']:.1f} GFLOP/s, "
            f"bf16 {res['hardware']['matmul_bf16_gflops']:.1f} GFLOP/s; memory copy "
            f"{res['hardware']['memory_gb_per_s']:.1f} GB/s",
-           "encoder (ViT-B/32): " + ", ".join(f"{k.replace('_images_per_s', '')} {v:.1f} img/s"
-                                              for k, v in res["encoder"].items()),
+           "encoder (ViT-B/32): " + (", ".join(f"{k.replace('_images_per_s', '')} {v:.1f} img/s"
+                                               for k, v in res["encoder"].items()) or "not measured"),
            "", f"{'training':<22}{'samples/s':>10}{'tokens/s':>10}{'step s':>9}{'padding':>9}{'MFU':>7}{'peak MB':>9}"]
     for stage, modes in res["train"].items():
         for mode, m in modes.items():
             out.append(f"{stage + ' ' + mode:<22}{m['samples_per_s']:>10.2f}{m['tokens_per_s']:>10.0f}"
                        f"{m['step_s']:>9.2f}{m['padding_share']:>9.0%}{m['mfu']:>7.1%}{m['peak_memory_mb']:>9.0f}")
-    d = res["decode"]
-    out += ["", f"decode: {d['tokens_per_s']:.1f} tok/s (first token {d['ttft_s'] * 1e3:.0f} ms), batch of 8: "
-                f"{d['batch8_tokens_per_s']:.1f} tok/s; weight-reading bound for one stream "
-                f"{d['bandwidth_bound_tokens_per_s']:.0f} tok/s"]
+    d = res.get("decode", {})
+    if d:
+        out += ["", f"decode: {d['tokens_per_s']:.1f} tok/s (first token {d['ttft_s'] * 1e3:.0f} ms), batch of 8: "
+                    f"{d['batch8_tokens_per_s']:.1f} tok/s; weight-reading bound for one stream "
+                    f"{d['bandwidth_bound_tokens_per_s']:.0f} tok/s"]
     if "naive_tokens_per_s" in d:
         out.append(f"naive decode: {d['naive_tokens_per_s']:.1f} tok/s (first token {d['naive_ttft_s'] * 1e3:.0f} ms)")
     if "speedup" in res:

@@ -1,15 +1,18 @@
-"""Both training scripts, the batch evaluator and a 2-rank DDP run, end to end on CPU with tiny data.
+"""Both training scripts, the batch evaluator and DDP runs, end to end on CPU with tiny data.
 
 Pretraining lowers the loss and writes checkpoint, sidecar and curve; SFT starts from stage 1's file; batch
 evaluation with and without the grey control; clear errors for missing start weights and a missing CLIP
-directory; a 2-process torchrun run trains the same weights as 1 process with twice the batch; batch 4 x 2
-accumulation steps trains the same weights as batch 8; --compile compiles at least one graph and gives
-eager's losses and weights.
+directory; a 2-process torchrun run, and two 1-process torchrun launches as two nodes (--nnodes 2), train
+the same weights as 1 process with twice the batch; batch 4 x 2 accumulation steps trains the same weights
+as batch 8; --compile compiles at least one graph and gives eager's losses and weights.
 """
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -142,6 +145,49 @@ def test_ddp_two_ranks_equal_one_process_double_batch(tmp_path, random_tower):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     la, lb = losses(tmp_path / "one", "64_vlm_pretrain"), losses(tmp_path / "two", "64_vlm_pretrain")
     assert la == pytest.approx(lb, abs=1e-5)  # the logged loss is the global batch's under DDP too
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_process_double_batch(tmp_path, random_tower):
+    """Two torchrun launches as two nodes (--nnodes 2 --node_rank 0/1, static rendezvous at --master_addr),
+    1 gloo rank x batch 4 each, train the same weights and log the same losses as 1 process x batch 8. They
+    share out_dir and a new feature cache, which they fill together, as nodes on a shared filesystem would."""
+    args = uniform_data(tmp_path, 32) + tiny_run_args(tmp_path, random_tower)
+    run(sys.executable, "1-pretrain_vlm.py", *args, "--batch_size", 8, "--out_dir", tmp_path / "one")
+    port, procs, logs = free_port(), [], []
+    try:
+        for node in (0, 1):
+            logs.append(open(tmp_path / f"node{node}.log", "w+"))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 "1-pretrain_vlm.py", *map(str, args), "--batch_size", "4", "--out_dir", str(tmp_path / "nodes"),
+                 "--feature_cache", str(tmp_path / "nodes_cache")],  # the last --feature_cache counts
+                cwd=ROOT, env=ENV, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 180  # a hang fails the test; a node that fails stops the wait at once
+        while time.monotonic() < deadline and not all(p.poll() == 0 for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+        for node, (p, log) in enumerate(zip(procs, logs)):
+            log.seek(0)
+            assert p.poll() == 0, f"node {node} exited {p.poll()} (None: still running):\n{log.read()[-5000:]}"
+    finally:
+        for p in procs:  # a hang or a failure: kill both launches and their workers (each is a process group)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for log in logs:
+            log.close()
+    assert json.load(open(tmp_path / "nodes" / "64_vlm_pretrain.json"))["step"] == 8
+    assert_same_weights(tmp_path / "one", tmp_path / "nodes")
+    la, lb = losses(tmp_path / "one", "64_vlm_pretrain"), losses(tmp_path / "nodes", "64_vlm_pretrain")
+    assert la == pytest.approx(lb, abs=1e-5)
 
 
 def test_accumulation_equals_bigger_batch(tmp_path, random_tower):
