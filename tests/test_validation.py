@@ -1,7 +1,7 @@
 """The validation loss: --val_fraction holds out records by a hash of their id (disjoint from training, the same
 every time); the held-out loss is logged every --eval_interval steps and at the end, is the same on 1 process
 and on 2 gloo ranks with half the batch, is kept across a SIGKILL + --resume, and is drawn with the training
-loss in one PNG; --val_data_path reads a separate file.
+loss in one PNG; --val_data_path reads a separate file (here under bf16 autocast).
 """
 import json
 import subprocess
@@ -103,7 +103,8 @@ def test_validation_loss_interval_ranks_and_resume(tmp_path, random_tower, token
 def test_val_data_path(tmp_path, random_tower):
     data, imgs = varied_data(tmp_path, 24)
     val, _ = varied_data(tmp_path, 6, name="val")
-    args = train_args(data, imgs, random_tower, tmp_path / "cache") + ["--val_data_path", val, "--batch_size", 8]
+    args = train_args(data, imgs, random_tower, tmp_path / "cache") + ["--val_data_path", val, "--batch_size", 8,
+                                                                       "--dtype", "bfloat16"]  # under autocast too
     p = run(sys.executable, "1-pretrain_vlm.py", *args, "--out_dir", tmp_path / "out")
     rec = [r for r in log_of(tmp_path / "out") if "val_loss" in r]
     assert [r["step"] for r in rec] == [2, 4, 6] and rec[0]["val_tokens"] > 0

@@ -539,15 +539,16 @@ class Run:
         the same figure. Bad validation samples are handled as training's are (--on_bad_sample)."""
         self.raw_model.eval()
         sums, problems = torch.zeros(2, dtype=torch.float64), []
-        with torch.no_grad(), self.autocast:
+        with torch.no_grad():
             for rows in tqdm(self.val_batches, desc="validation", disable=not self.master, leave=False, unit="batch"):
                 batch = self.collate([self.val_dataset[i] for i in rows])
                 problems += batch["problems"]
                 if batch["input_ids"] is None:
                     continue
-                input_ids, labels, features = self.inputs(batch)
+                input_ids, labels, features = self.inputs(batch)  # (outside autocast, as in training)
+                with self.autocast:
+                    loss = self.raw_model(input_ids, features, labels=labels, loss_only=True).loss
                 n = (labels[:, 1:] != -100).sum()
-                loss = self.raw_model(input_ids, features, labels=labels, loss_only=True).loss
                 sums += torch.stack([loss.double() * n, n.double()]).cpu()
         self.raw_model.train()
         self.handle_bad_samples({"problems": problems}, f"in the validation data at step {self.step}")
