@@ -76,7 +76,7 @@ def test_validation_loss_interval_ranks_and_resume(tmp_path, random_tower, token
     assert [s for s, _ in one] == [2, 4, 6] and all(0 < v < 20 for _, v in one)
     assert one[-1][1] < one[0][1]  # it learns something that carries over to held-out records
     n_val = int(held_out(build_index(data, tokenizer, 640), 0.25).sum())
-    assert n_val == n - 32 > 4 and "32 samples" in p.stdout and f"{n_val} samples" in p.stdout
+    assert n_val == n - 32 > 4 and "32 training samples" in p.stdout and f"{n_val} validation samples" in p.stdout
     assert (tmp_path / "one" / "64_vlm_pretrain_loss.png").stat().st_size > 0
     # the training losses are logged as before, beside the validation records
     assert [r["step"] for r in log_of(tmp_path / "one") if "loss" in r] == [1, 2, 3, 4, 5, 6]
@@ -108,4 +108,4 @@ def test_val_data_path(tmp_path, random_tower):
     p = run(sys.executable, "1-pretrain_vlm.py", *args, "--out_dir", tmp_path / "out")
     rec = [r for r in log_of(tmp_path / "out") if "val_loss" in r]
     assert [r["step"] for r in rec] == [2, 4, 6] and rec[0]["val_tokens"] > 0
-    assert "val.jsonl: 6 samples" in p.stdout
+    assert "val.jsonl: 6 validation samples" in p.stdout

@@ -201,7 +201,8 @@ def save_loss_curve(log, path, title):
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
         ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (log scale)")
+    ax.set_yscale("log")  # late differences (0.01 vs 0.003: memorising?) stay visible
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -255,7 +256,7 @@ class Run:
     def __init__(self, recipe: Recipe, args):
         self.recipe, self.args = recipe, args
         self.step, self.epoch, self.step_in_epoch, self.start_epoch, self.start_micro = 0, 0, 0, 0, 0
-        self.wandb, self.wandb_id, self.log = None, None, []
+        self.wandb, self.wandb_id, self.log, self.shown = None, None, [], {}
 
     # -- setup: processes, model, outputs --------------------------------------------------------------------
 
@@ -349,27 +350,27 @@ class Run:
                 print(f"{path}: {index.n_records} records, index {how}")
             return index
 
-        def dataset(index, images_dir, rows=None, keep_problem=None):
+        def dataset(index, images_dir, part, rows=None, keep_problem=None):
             d = VLMDataset(index, images_dir, self.tokenizer, args.max_seq_len, self.cache, args.max_image_pixels,
                            rows=rows, problem_filter=keep_problem)
             if self.master:
-                print(f"{index.path}: {len(d)} samples; image files in {images_dir}: {d.image_lookup_text()}")
+                print(f"{index.path}: {len(d)} {part} samples; image files in {images_dir}: {d.image_lookup_text()}")
             return d
 
         index = index_of(args.data_path)
         if args.val_data_path:
             if args.val_fraction:
                 raise SystemExit("--val_data_path and --val_fraction: give one of them")
-            val = dataset(index_of(args.val_data_path), args.val_images_dir or args.images_dir)
-            return dataset(index, args.images_dir), val
+            val = dataset(index_of(args.val_data_path), args.val_images_dir or args.images_dir, "validation")
+            return dataset(index, args.images_dir, "training"), val
         if not args.val_fraction:
-            return dataset(index, args.images_dir), None
+            return dataset(index, args.images_dir, "training"), None
         if not 0 < args.val_fraction < 1:
             raise SystemExit(f"--val_fraction {args.val_fraction}: must be between 0 and 1")
         held = held_out(index, args.val_fraction)
         in_val = lambda p: held_out_record(p.id, p.line, args.val_fraction)  # noqa: E731
-        return (dataset(index, args.images_dir, np.flatnonzero(~held), lambda p: not in_val(p)),
-                dataset(index, args.val_images_dir or args.images_dir, np.flatnonzero(held), in_val))
+        return (dataset(index, args.images_dir, "training", np.flatnonzero(~held), lambda p: not in_val(p)),
+                dataset(index, args.val_images_dir or args.images_dir, "validation", np.flatnonzero(held), in_val))
 
     # -- model and optimizer ---------------------------------------------------------------------------------
 
@@ -529,7 +530,8 @@ class Run:
         if self.master:
             with open(self.log_path, "a") as f:  # written as it goes: a run that dies keeps its curve
                 f.write(json.dumps(rec) + "\n")
-            self.progress.set_postfix(**shown)
+            self.shown.update(shown)  # the latest loss, lr and validation loss side by side
+            self.progress.set_postfix(self.shown)
             if self.wandb:
                 self.wandb.log(rec, step=self.step)
 
@@ -565,7 +567,7 @@ class Run:
         save_checkpoint(self.raw_model, self.out_path, self.cfg, extra={
             "stage": self.recipe.stage, "step": self.step, "args": vars(self.args)})
         if self.log:
-            save_loss_curve(self.log, self.out_path.with_name(self.name + "_loss.png"), f"{self.name}: training loss")
+            save_loss_curve(self.log, self.out_path.with_name(self.name + "_loss.png"), f"{self.name}: loss")
         save_resume_state(self.resume_path, self.raw_model, self.optimizer, self.scaler, self.step, self.epoch,
                           self.step_in_epoch, self.layout, self.wandb_id)
 
