@@ -4,6 +4,7 @@ how much memory each rank holds (its DataLoader workers included), on a LLaVA-CC
   python scripts/benchmark_startup.py                          # 595,375 records, 1 and 2 ranks, this repo
   python scripts/benchmark_startup.py --n_records 5000         # a quick check of the machinery
   python scripts/benchmark_startup.py --repo /tmp/before       # the same measurement of another checkout
+  python scripts/benchmark_startup.py --baseline_repo /tmp/before   # both, in one run: the table and the ratios
 
 The data is built once in --workdir and reused: chat-translated.json in upstream MiniMind-V v1's shape (a JSON
 list of {"id", "image", "conversations": [human, gpt]} records, a Chinese caption instruction with <image> first
@@ -87,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="also write the JSON here (None: {workdir}/startup-{repo name}.json)")
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts to measure")
     p.add_argument("--repo", default=ROOT, help="the checkout whose 1-pretrain_vlm.py is measured")
+    p.add_argument("--baseline_repo", default=None, help="also measure this checkout (e.g. a clone of an older "
+                                                         "commit) in the same run, first, and print the ratios")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs the training")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a run is killed")
@@ -347,8 +350,8 @@ def first_loss_seen(log_path):
     return bool(text) and any('"loss"' in line for line in text.splitlines())
 
 
-def run_once(args, n_ranks, start, data_dir, info, tower, workdir):
-    repo = os.path.abspath(args.repo)
+def run_once(args, repo, n_ranks, start, data_dir, info, tower, workdir):
+    repo = os.path.abspath(repo)
     tag = f"{os.path.basename(repo.rstrip('/'))}-{n_ranks}rank"
     out_dir = os.path.join(workdir, "runs", tag)
     log_path = os.path.join(out_dir, LOG_NAME)
@@ -430,6 +433,17 @@ def git_info(repo):
     return {"commit": git("rev-parse", "HEAD"), "modified_files": len(status.splitlines()) if status else 0}
 
 
+def print_table(repo, runs, info, args):
+    print(f"\nrepo {os.path.abspath(repo)}; {info['records']} records ({info['bytes'] / MB:.1f} MB), "
+          f"{args.n_images} images, {args.num_workers} workers per rank, {os.cpu_count()} CPUs")
+    print(f"{'ranks':>5} {'start':>7} {'first step s':>13} {'exit s':>8} {'peak RSS/rank MB':>17} "
+          f"{'peak PSS/rank MB':>17} {'rc':>4} {'run CPU s':>9} {'others CPU':>10}")
+    for r in runs:
+        print(f"{r['ranks']:>5} {r['start']:>7} {str(r['first_step_s']):>13} {r['exit_s']:>8} "
+              f"{str(r['peak_rss_mb_per_rank']):>17} {str(r['peak_pss_mb_per_rank']):>17} {r['rc']:>4} "
+              f"{r['cpu']['run_cpu_s']:>9} {r['cpu']['other_processes_share']:>10.0%}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -438,16 +452,21 @@ def main(argv=None):
     data_dir, info = build_data(workdir, args.n_records, args.n_images, args.seed)
     tower = build_tower(workdir)
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
-    runs = [run_once(args, n, start, data_dir, info, tower, workdir) for n in ranks for start in ("first", "second")]
 
-    print(f"\nrepo {os.path.abspath(args.repo)}; {info['records']} records ({info['bytes'] / MB:.1f} MB), "
-          f"{args.n_images} images, {args.num_workers} workers per rank, {os.cpu_count()} CPUs")
-    print(f"{'ranks':>5} {'start':>7} {'first step s':>13} {'exit s':>8} {'peak RSS/rank MB':>17} "
-          f"{'peak PSS/rank MB':>17} {'rc':>4} {'run CPU s':>9} {'others CPU':>10}")
-    for r in runs:
-        print(f"{r['ranks']:>5} {r['start']:>7} {str(r['first_step_s']):>13} {r['exit_s']:>8} "
-              f"{str(r['peak_rss_mb_per_rank']):>17} {str(r['peak_pss_mb_per_rank']):>17} {r['rc']:>4} "
-              f"{r['cpu']['run_cpu_s']:>9} {r['cpu']['other_processes_share']:>10.0%}")
+    def measure(repo):
+        return [run_once(args, repo, n, start, data_dir, info, tower, workdir) for n in ranks
+                for start in ("first", "second")]
+    baseline = measure(args.baseline_repo) if args.baseline_repo else None
+    runs = measure(args.repo)
+
+    if baseline:
+        print_table(args.baseline_repo, baseline, info, args)
+    print_table(args.repo, runs, info, args)
+    if baseline:
+        print(f"\n{'ranks':>5} {'start':>7} {'first step: baseline / this':>28} {'PSS: baseline / this':>21}")
+        for b, r in zip(baseline, runs):
+            ratio = lambda k: (f"{b[k] / r[k]:.1f}x" if b[k] and r[k] else "-")  # noqa: E731
+            print(f"{r['ranks']:>5} {r['start']:>7} {ratio('first_step_s'):>28} {ratio('peak_pss_mb_per_rank'):>21}")
     second = [r for r in runs if r["start"] == "second"]
     worst = max((r["first_step_s"] if r["first_step_s"] is not None else float("inf") for r in second), default=None)
     goals = {"second_start_first_step_s": None if worst == float("inf") else worst,  # None: a run never stepped
@@ -462,6 +481,9 @@ def main(argv=None):
     result = {"repo": os.path.abspath(args.repo), **git_info(args.repo), "n_records": info["records"],
               "file_mb": round(info["bytes"] / MB, 1), "n_images": args.n_images, "num_workers": args.num_workers,
               "cpus": os.cpu_count(), "runs": runs, "goals": goals, "total_s": round(total, 1)}
+    if baseline:
+        result["baseline"] = {"repo": os.path.abspath(args.baseline_repo), **git_info(args.baseline_repo),
+                              "runs": baseline}
     out = args.out or os.path.join(workdir, f"startup-{os.path.basename(os.path.abspath(args.repo))}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
