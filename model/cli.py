@@ -34,8 +34,9 @@ def add_model_args(parser, ckpt_default="out/512_vlm_sft", ckpt_help=None, runti
     a("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory (the one the checkpoint was trained with)")
     if runtime:
         a("--device", default=default_device(), help="where the model runs")
-        a("--dtype", default="auto", choices=DTYPES, help="image encoder autocast; auto = bf16 on CUDA and on "
-                                                          "CPUs with native bf16, else fp32")
+        a("--dtype", default="auto", choices=DTYPES, help="inference dtype; bfloat16 stores the decoder and image "
+          "encoder weights in bf16 (float16 only autocasts the encoder); auto = bf16 on CUDA and on CPUs with "
+          "native bf16, else fp32")
 
 
 def add_max_image_pixels(parser):

@@ -1,0 +1,144 @@
+"""Single-stream decoding speed of the inference engine, lever by lever, against upstream v1's algorithm and
+against the weight-reading bound.
+
+  python scripts/benchmark_decode.py                 # the 27M config (512x8), 128 new tokens, 3 repeats
+  python scripts/benchmark_decode.py --size tiny --tokens 16 --repeats 1    # checks the machinery only
+
+A seeded random model of the chosen config is saved as a checkpoint and loaded the way users load one
+(ChatEngine.load, with a seeded random CLIP tower); answers stream through ChatEngine.generate / Generation
+with greedy decoding, from a prompt with one image's features. Variants, in the same process, alternated:
+  upstream  upstream v1's decoding loop (scripts/benchmark.py's decode_naive): KV cache and ids grown by
+            torch.cat, each piece by re-decoding the whole answer; fp32 weights
+  fp32      ChatEngine.load(dtype="float32"): fp32 weights
+  bf16      ChatEngine.load(dtype="bfloat16"): bf16 decoder and tower weights (only where the CPU/GPU has native
+            bf16; --dtype auto picks it there)
+tokens/s counts tokens after the first; each variant's median over the repeats is reported. The bound is
+the weights' bytes in the variant's dtype divided by the measured copy bandwidth: one stream reads every
+weight once per token.
+
+Prints a table, then one JSON object as the last line (also written to --out).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from benchmark import SIZES, decode_naive, memory_bandwidth  # noqa: E402
+from model.checkpoint import load_vlm, save_checkpoint  # noqa: E402
+from model.cli import HelpFormatter, default_device  # noqa: E402
+from model.engine import ChatEngine  # noqa: E402
+from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
+from model.model import MiniMindVLM  # noqa: E402
+from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer  # noqa: E402
+from model.vision import autocast_dtype, make_random_vision_model  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": f"{IMAGE_MARKER}\nDescribe this image."}]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="27m", help="decoder config")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per answer")
+    p.add_argument("--repeats", type=int, default=3, help="timed answers per variant (the median is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default=default_device(), help="device")
+    p.add_argument("--workdir", help="checkpoint and random tower (default: a new temporary directory)")
+    p.add_argument("--out", help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_engine(engine, feats, n_tokens):
+    """(tokens/s after the first, tokens) of one greedy answer streamed through ChatEngine.generate."""
+    gen = engine.generate(MESSAGES, feats, max_new_tokens=n_tokens, temperature=0, top_p=None, seed=0)
+    first = None
+    for _ in gen:
+        if first is None:
+            first, n_first = time.perf_counter(), gen.completion_tokens
+    sync(engine.device)
+    end = time.perf_counter()
+    return (gen.completion_tokens - n_first) / (end - first), gen.completion_tokens
+
+
+def decode_upstream(engine, feats, n_tokens):
+    ids = torch.tensor([engine.prepare(MESSAGES, 1)], device=engine.device)
+    _, tps = decode_naive(engine.model, engine.tokenizer, ids, feats.to(engine.device), n_tokens)
+    return tps, n_tokens
+
+
+def weight_bytes(model):
+    """Bytes of the decoder's unique parameters (the tied embedding/output matrix once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-decode-")
+    tok = load_tokenizer(DEFAULT_TOKENIZER)
+    torch.manual_seed(0)
+    cfg = LMConfig(**SIZES[args.size], vocab_size=len(tok), image_ids=image_token_ids(tok))
+    ckpt = os.path.join(work, f"random_{args.size}.safetensors")
+    save_checkpoint(MiniMindVLM(cfg), ckpt, cfg)
+    tower = os.path.join(work, "random-clip")
+    if not os.path.isdir(tower):
+        make_random_vision_model(tower, seed=0)
+
+    fp32 = ChatEngine.load(ckpt, tower, device=str(device), dtype="float32")
+    engines = {"upstream": ChatEngine(load_vlm(ckpt, tok, device)[0], tok, fp32.vision), "fp32": fp32}
+    if autocast_dtype(device.type, "auto") == torch.bfloat16:
+        engines["bf16"] = ChatEngine.load(ckpt, tower, device=str(device), dtype="bfloat16")
+    run = {name: decode_upstream if name == "upstream" else decode_engine for name in engines}
+    feats = torch.randn(1, 50, 768, generator=torch.Generator().manual_seed(0))
+
+    for name, e in engines.items():  # warm-up
+        run[name](e, feats, 4)
+    times = {name: [] for name in engines}
+    counts = {}
+    for _ in range(args.repeats):  # alternate, so a noisy neighbour slows every variant alike
+        for name, e in engines.items():
+            tps, counts[name] = run[name](e, feats, args.tokens)
+            times[name].append(tps)
+    bw = memory_bandwidth(device)
+
+    rows = {}
+    base = statistics.median(times["upstream"])
+    for name, e in engines.items():
+        tps = statistics.median(times[name])
+        nbytes = weight_bytes(e.model)
+        bound = bw * 1e9 / nbytes
+        rows[name] = {"tokens_per_s": tps, "runs": times[name], "tokens": counts[name], "vs_upstream": tps / base,
+                      "weight_bytes": nbytes, "bound_tokens_per_s": bound, "share_of_bound": tps / bound}
+    res = {"size": args.size, "device": str(device), "threads": torch.get_num_threads(), "new_tokens": args.tokens,
+           "repeats": args.repeats, "copy_gb_per_s": bw, "variants": rows}
+
+    print(f"single-stream decode, {args.size} config, {args.tokens} new tokens, {device}, "
+          f"{torch.get_num_threads()} threads, copy bandwidth {bw:.1f} GB/s, median of {args.repeats}")
+    print(f"{'variant':<10} {'tok/s':>7} {'x upstream':>10} {'weights MB':>10} {'bound tok/s':>11} {'of bound':>8}")
+    for name, r in rows.items():
+        print(f"{name:<10} {r['tokens_per_s']:7.1f} {r['vs_upstream']:10.2f} {r['weight_bytes'] / 1e6:10.1f} "
+              f"{r['bound_tokens_per_s']:11.0f} {r['share_of_bound']:8.0%}")
+    line = json.dumps(res)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
