@@ -11,7 +11,8 @@ What is compared, on the same data, config and machine:
          their own longest sample, one masked assignment for the image splice, the output head run only at
          labelled positions, fused AdamW. Decoding: preallocated KV cache, incremental detokenization.
   naive  the upstream v1 algorithm: every step decodes its images from disk and encodes them in fp32, one at
-         a time; every sample is padded to max_seq_len; the placeholder is found by a Python scan and
+         a time; every sample is cut and padded to upstream's max_seq_len of 200 tokens (ours trains on up to
+         640, leaving out whole later turns); the placeholder is found by a Python scan and
          replaced by concatenation, row by row; full logits; AdamW with its default (per-parameter) loop.
          Decoding: a KV cache grown by torch.cat, ids grown by torch.cat, and every streamed piece made by
          decoding the whole answer so far.
@@ -70,7 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny config, few steps: about a minute")
     p.add_argument("--steps", type=int, help="timed training steps per mode (default: 4; quick: 2)")
     p.add_argument("--batch_size", type=int, help="training batch (default: 16; quick: 4)")
-    p.add_argument("--max_seq_len", type=int, default=640, help="upstream's training length (naive pads to it)")
+    p.add_argument("--max_seq_len", type=int, default=640, help="our training length (longer turns are left out)")
+    p.add_argument("--naive_max_seq_len", type=int, default=200,
+                   help="upstream v1's LMConfig.max_seq_len: naive cuts every sample to it and pads to it")
     p.add_argument("--decode_tokens", type=int, help="tokens per decode run (default: 256; quick: 32)")
     p.add_argument("--epochs", type=int, default=19, help="epochs of the end-to-end estimate (upstream pretrain)")
     p.add_argument("--device", default=default_device(), help="device")
@@ -239,7 +242,8 @@ def naive_forward(model, input_ids, image_features, labels):
 
 
 class FixedPadCollator(VLMCollator):
-    """Upstream pads every sample to max_seq_len."""
+    """Upstream v1's dataset: every sample cut to max_seq_len tokens (`input_id[:max_length]`, whatever is cut)
+    and padded to it, so every batch is (batch, max_seq_len)."""
 
     def __init__(self, max_seq_len, pad_id=0):
         super().__init__(pad_id)
@@ -247,9 +251,10 @@ class FixedPadCollator(VLMCollator):
 
     def __call__(self, batch):
         out = super().__call__(batch)
-        pad = self.max_seq_len - out["input_ids"].shape[1]
-        out["input_ids"] = F.pad(out["input_ids"], (0, pad), value=self.pad_id)
-        out["labels"] = F.pad(out["labels"], (0, pad), value=IGNORE_INDEX)
+        n = self.max_seq_len
+        ids, labels = out["input_ids"][:, :n], out["labels"][:, :n]
+        out["input_ids"] = F.pad(ids, (0, n - ids.shape[1]), value=self.pad_id)
+        out["labels"] = F.pad(labels, (0, n - labels.shape[1]), value=IGNORE_INDEX)
         return out
 
 
@@ -271,7 +276,7 @@ def train_mode(spec):
     if naive:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
         batches = [order[i * spec["batch_size"]:(i + 1) * spec["batch_size"]] for i in range(n_batches)]
-        collate = FixedPadCollator(spec["max_seq_len"])
+        collate = FixedPadCollator(spec["naive_max_seq_len"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
         lengths = dataset.lengths
@@ -428,7 +433,8 @@ def main(argv=None):
         make_random_vision_model(tower_dir, seed=0)
 
     res = {"config": {"size": args.size, **SIZES[args.size], "batch_size": args.batch_size, "steps": args.steps,
-                      "max_seq_len": args.max_seq_len, "decode_tokens": args.decode_tokens,
+                      "max_seq_len": args.max_seq_len, "naive_max_seq_len": args.naive_max_seq_len,
+                      "decode_tokens": args.decode_tokens,
                       "device": str(device), "threads": threads, "quick": args.quick,
                       "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}}
     amp = autocast_dtype(device.type, args.dtype)
@@ -450,7 +456,7 @@ def main(argv=None):
 
     spec = dict(size=args.size, device=args.device, dtype=args.dtype, threads=threads, workdir=work,
                 images=images, tower=tower_dir, batch_size=args.batch_size, steps=args.steps,
-                max_seq_len=args.max_seq_len)
+                max_seq_len=args.max_seq_len, naive_max_seq_len=args.naive_max_seq_len)
     res["train"] = {}
     for stage in ("pretrain", "sft"):
         cache = os.path.join(work, f"cache-{stage}-{time.time_ns()}")  # cold: a new, empty cache
