@@ -177,15 +177,15 @@ class ChatEngine:
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)
         model, _ = load_vlm(ckpt, tok, device)
-        vision = load_vision_model(vision_model, device)
         amp = autocast_dtype(device.type, dtype)
-        if amp == torch.bfloat16:
+        bf16 = amp == torch.bfloat16
+        vision = load_vision_model(vision_model, device, torch.bfloat16 if bf16 else torch.float32)
+        if bf16:
             # Decoding one stream reads every weight once per token, so weights of half the bytes decode faster.
             # RMSNorm, RoPE and the sampled logits stay fp32 (model.py); the KV cache follows the weights' dtype.
             # fp16 weights are not used: an fp16 residual stream can overflow where bf16's range cannot.
             model.to(amp)
             model.init_buffers(device)  # RoPE tables back to fp32 (.to converted them)
-            vision.to(amp)
         return cls(model, tok, vision, amp, Path(ckpt).stem, Path(vision_model).name)
 
     def describe(self) -> str:

@@ -43,14 +43,19 @@ def _vision_config_from_dir(path: Path):
     return cfg
 
 
-def _read_tower_state_dict(path: Path):
-    """Vision-tower tensors from model.safetensors (preferred) or pytorch_model.bin (weights_only: no code runs)."""
+def _read_tower_state_dict(path: Path, dtype=torch.float32):
+    """Vision-tower tensors, in `dtype`, from model.safetensors (preferred; read one tensor at a time, so a full
+    CLIPModel's text half and an fp32 copy of a bf16 tower are never all in memory) or pytorch_model.bin
+    (weights_only: no code runs)."""
     st, binf = path / "model.safetensors", path / "pytorch_model.bin"
     if st.is_file():
-        from safetensors.torch import load_file
-        sd = load_file(str(st))
+        from safetensors import safe_open
+        with safe_open(str(st), framework="pt") as f:
+            names = list(f.keys())
+            vision_only = any(k.startswith("vision_model.") for k in names)
+            sd = {k: f.get_tensor(k).to(dtype) for k in names if not vision_only or k.startswith("vision_model.")}
     elif binf.is_file():
-        sd = torch.load(binf, map_location="cpu", weights_only=True)
+        sd = {k: v.to(dtype) for k, v in torch.load(binf, map_location="cpu", weights_only=True).items()}
     else:
         raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin.\n{CLIP_DOWNLOAD_HINT}")
     if any(k.startswith("vision_model.") for k in sd):  # a full CLIPModel, or a transformers-4 CLIPVisionModel
@@ -59,19 +64,26 @@ def _read_tower_state_dict(path: Path):
     return sd
 
 
-def load_vision_model(path: str = DEFAULT_VISION_MODEL, device="cpu"):
-    """A frozen, eval-mode CLIPVisionModel read strictly from a local directory."""
+def load_vision_model(path: str = DEFAULT_VISION_MODEL, device="cpu", dtype=torch.float32):
+    """A frozen, eval-mode CLIPVisionModel read strictly from a local directory, its weights in `dtype`."""
     from transformers import CLIPVisionModel
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"CLIP vision model directory {path} does not exist.\n{CLIP_DOWNLOAD_HINT}")
     cfg = _vision_config_from_dir(path)
-    model = CLIPVisionModel(cfg)
-    sd = _read_tower_state_dict(path)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    with torch.device("meta"):  # no random init to overwrite: the file's tensors become the weights (one copy)
+        model = CLIPVisionModel(cfg)
+    sd = _read_tower_state_dict(path, dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match a CLIP vision tower.\n  missing: {sorted(missing)}\n"
                          f"  unexpected: {sorted(unexpected)}")
+    for name, buf in list(model.named_buffers()):  # buffers that are not in the file: index tables
+        if buf.is_meta:
+            if not name.endswith("position_ids"):
+                raise ValueError(f"{path}: no value for the buffer {name}")
+            owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            owner.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
     model.requires_grad_(False)
     return model.eval().to(device)
 
