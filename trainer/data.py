@@ -5,7 +5,6 @@ projected CLIP tokens of the corresponding image. Loss is on every assistant ans
 Images are decoded here, inside DataLoader workers; the frozen encoder runs in the training process.
 """
 import math
-import os
 from collections import Counter
 
 import numpy as np
@@ -14,11 +13,11 @@ from torch.utils.data import Dataset, Sampler
 
 from model.LMConfig import IMAGE_PLACEHOLDER
 from model.tokenizer import ANSWER_END, ChatFormatError, image_token_ids, split_turns, turn_texts
-from model.vision import MAX_IMAGE_PIXELS, BadImage, check_image_file, load_image
+from model.vision import MAX_IMAGE_PIXELS, BadImage, load_image
 
 from .feature_cache import image_cache_key
-from .records import (UPSTREAM_IMAGE_PREFIXES, Problem, RecordError, conversation_to_messages, missing_image_detail,
-                      resolve_image)
+from .records import (UPSTREAM_IMAGE_PREFIXES, Problem, RecordError, conversation_to_messages, find_image,
+                      image_path)
 
 IGNORE_INDEX = -100
 
@@ -158,12 +157,11 @@ class VLMDataset(Dataset):
             for slot in index.name_slots(r):
                 name = index.names[slot]
                 if name not in seen:
-                    path, prefix = resolve_image(self.images_dir, name)
                     try:
-                        check_image_file(path, f"image {path}")
+                        _, prefix = find_image(self.images_dir, name)
                         seen[name] = (UPSTREAM_IMAGE_PREFIXES.index(prefix) + 1 if prefix else 0, None)
                     except BadImage as e:
-                        seen[name] = (0, (e.kind, missing_image_detail(path) if e.kind == "image_missing" else str(e)))
+                        seen[name] = (0, (e.kind, str(e)))
                 code, problem = seen[name]
                 self.prefix_of[slot] = code
                 self.image_lookup["bad" if problem else UPSTREAM_IMAGE_PREFIXES[code - 1] if code else ""] += 1
@@ -189,13 +187,9 @@ class VLMDataset(Dataset):
         return self.index.problem(self.rows[i], kind, detail)
 
     def image_paths(self, i):
-        index, r = self.index, self.rows[i]
-        paths = []
-        for slot in index.name_slots(r):
-            head, tail = os.path.split(index.names[slot])
-            code = self.prefix_of[slot]
-            paths.append(os.path.join(self.images_dir, head, (UPSTREAM_IMAGE_PREFIXES[code - 1] if code else "") + tail))
-        return paths
+        index = self.index
+        return [image_path(self.images_dir, index.names[slot], (("",) + UPSTREAM_IMAGE_PREFIXES)[self.prefix_of[slot]])
+                for slot in index.name_slots(self.rows[i])]
 
     def __getitem__(self, i):
         messages = conversation_to_messages(self.index.record(self.rows[i]))

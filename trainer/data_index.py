@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import VLMDataset, conversation_lengths, length_problem
-from .records import DataError, Entry, Problem, check_record, iter_records
+from .records import DataError, Entry, Problem, check_record, iter_records, read_record_at, record_images
 
 INDEX_VERSION = 1  # bump when what the index holds or how lengths are counted changes
 
@@ -70,9 +70,7 @@ class RecordIndex:
 
     def record(self, r) -> dict:
         """Row r's record, read back from the file."""
-        with open(self.path, "rb") as f:
-            f.seek(int(self.offset[r]))
-            return json.loads(f.read(int(self.size[r])))
+        return read_record_at(self.path, int(self.offset[r]), int(self.size[r]))
 
     def problem(self, r, kind, detail) -> Problem:
         return Problem(kind, self.path, int(self.line[r]), self.id(r), detail)
@@ -120,8 +118,7 @@ def build_index(path, tokenizer, max_seq_len, progress=False, chunk=2048) -> Rec
             for k, v in zip(rows, (e.offset, e.size, e.line, n_tokens, e.id is not None)):
                 rows[k].append(v)
             ids.append(e.id or "")
-            img = e.record.get("image")
-            names.extend([] if img is None else [img] if isinstance(img, str) else img)
+            names.extend(record_images(e.record))
             name_end.append(len(names))
         pending.clear()
 

@@ -205,7 +205,7 @@ def _iter_json_list(path, raw):
 
 
 def read_record_at(path, offset, size):
-    """The record whose bytes are at (offset, size) of the file (as Entry.offset/size give them)."""
+    """The record whose bytes are at (offset, size) of the file (as Entry.offset/size and RecordIndex give them)."""
     with open(path, "rb") as f:
         f.seek(offset)
         return json.loads(f.read(size))
@@ -261,17 +261,30 @@ def check_record(entry: Entry, file: str):
 UPSTREAM_IMAGE_PREFIXES = ("COCO_train2014_",)
 
 
+def image_path(images_dir, name, prefix="") -> str:
+    """The file of an image name, with `prefix` before its file name."""
+    head, tail = os.path.split(name)
+    return os.path.join(images_dir, head, prefix + tail)
+
+
 def resolve_image(images_dir, name) -> tuple:
     """(path, prefix used): `name` as given if that file exists, else with the first of UPSTREAM_IMAGE_PREFIXES
     that exists, else as given ("" : the caller finds it missing)."""
-    path = os.path.join(images_dir, name)
+    for prefix in ("",) + UPSTREAM_IMAGE_PREFIXES:
+        path = image_path(images_dir, name, prefix)
+        if os.path.exists(path):
+            return path, prefix
+    return image_path(images_dir, name), ""
+
+
+def find_image(images_dir, name) -> tuple:
+    """resolve_image for a file that must be there: BadImage for a missing one (naming every file tried) or an
+    empty one."""
+    path, prefix = resolve_image(images_dir, name)
     if not os.path.exists(path):
-        head, tail = os.path.split(name)
-        for prefix in UPSTREAM_IMAGE_PREFIXES:
-            alt = os.path.join(images_dir, head, prefix + tail)
-            if os.path.exists(alt):
-                return alt, prefix
-    return path, ""
+        raise BadImage("image_missing", missing_image_detail(path))
+    check_image_file(path, f"image {path}")
+    return path, prefix
 
 
 def image_paths(rec, images_dir) -> list:
@@ -280,7 +293,7 @@ def image_paths(rec, images_dir) -> list:
 
 def missing_image_detail(path) -> str:
     head, tail = os.path.split(path)
-    tried = " nor ".join(os.path.join(head, p + tail) for p in UPSTREAM_IMAGE_PREFIXES)
+    tried = " nor ".join(image_path(head, tail, p) for p in UPSTREAM_IMAGE_PREFIXES)
     return f"image {path} does not exist (nor {tried})"
 
 
@@ -292,11 +305,10 @@ def conversation_to_messages(rec) -> list:
 def file_problems(entry: Entry, file: str, images_dir) -> list:
     """Missing or empty image files of a record: what a stat can tell, without decoding."""
     try:
-        for p in image_paths(entry.record, images_dir):
-            check_image_file(p, f"image {p}")
+        for name in record_images(entry.record):
+            find_image(images_dir, name)
     except BadImage as err:
-        detail = missing_image_detail(p) if err.kind == "image_missing" else str(err)
-        return [Problem(err.kind, file, entry.line, entry.id, detail)]
+        return [Problem(err.kind, file, entry.line, entry.id, str(err))]
     return []
 
 

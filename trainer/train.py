@@ -357,16 +357,16 @@ class Run:
                 print(f"{index.path}: {len(d)} {part} samples; image files in {images_dir}: {d.image_lookup_text()}")
             return d
 
+        if args.val_data_path and args.val_fraction:  # (before any file is read)
+            raise SystemExit("--val_data_path and --val_fraction: give one of them")
+        if args.val_fraction and not 0 < args.val_fraction < 1:
+            raise SystemExit(f"--val_fraction {args.val_fraction}: must be between 0 and 1")
         index = index_of(args.data_path)
         if args.val_data_path:
-            if args.val_fraction:
-                raise SystemExit("--val_data_path and --val_fraction: give one of them")
             val = dataset(index_of(args.val_data_path), args.val_images_dir or args.images_dir, "validation")
             return dataset(index, args.images_dir, "training"), val
         if not args.val_fraction:
             return dataset(index, args.images_dir, "training"), None
-        if not 0 < args.val_fraction < 1:
-            raise SystemExit(f"--val_fraction {args.val_fraction}: must be between 0 and 1")
         held = held_out(index, args.val_fraction)
         in_val = lambda p: held_out_record(p.id, p.line, args.val_fraction)  # noqa: E731
         return (dataset(index, args.images_dir, "training", np.flatnonzero(~held), lambda p: not in_val(p)),
