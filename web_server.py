@@ -10,6 +10,7 @@ internet (no analytics, no web fonts).
 """
 import argparse
 import base64
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ EXAMPLE_IMAGES_DIR = "dataset/eval_images"
 EXAMPLE_QUESTIONS = ["Describe this image.", "What colour is the shape?", "What shape is it?",
                      "请描述这张图片。", "图中形状是什么颜色？", "这是什么形状？"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+# A new (or removed) image starts a new conversation: the page empties the chat and the status line at once.
+CLEAR_ON_NEW_IMAGE = "() => [[], '']"
 CSS = "#status p { color: #c62828; font-weight: 600; margin: 0; }"
 
 
@@ -43,7 +46,8 @@ def parse_args(argv=None):
 def image_input(max_bytes, max_pixels, **kwargs):
     """A gr.Image whose upload is decoded by model.engine.open_image (size, pixel and format checks) instead of
     Gradio's own PIL call, so a bad file becomes a message in the page rather than an unexplained 'Error'.
-    Its value in a handler is an RGB PIL image, or the InputError that says what was wrong. (The instance's
+    Its value in a handler is an RGB PIL image, with the SHA-1 of the file's bytes in .info["upload_key"] (which
+    image a conversation is about), or the InputError that says what was wrong. (The instance's
     preprocess is replaced rather than subclassing: Gradio writes a .pyi file beside any component subclass.)"""
     image = gr.Image(type="pil", **kwargs)
 
@@ -56,16 +60,21 @@ def image_input(max_bytes, max_pixels, **kwargs):
                 data = base64.b64decode(payload.url.split(",", 1)[1])
             else:  # a file Gradio saved in its upload cache (it refuses paths outside it)
                 data = Path(payload.path).read_bytes()
-            return open_image(data, name, max_bytes, max_pixels)
+            image = open_image(data, name, max_bytes, max_pixels)
         except InputError as e:
             return e
+        image.info["upload_key"] = hashlib.sha1(data).hexdigest()
+        return image
     image.preprocess = preprocess
     return image
 
 
-def session_start():
-    """Per-browser-session state: the image's features and the conversation as the model sees it."""
-    return {"features": None, "history": []}
+def session_start(image=None, engine=None):
+    """Per-browser-session state: which image the conversation is about, its features and the conversation as
+    the model sees it."""
+    if image is None:
+        return {"image_key": None, "features": None, "history": []}
+    return {"image_key": image.info["upload_key"], "features": engine.encode([image]), "history": []}
 
 
 def chat_view(history):
@@ -80,18 +89,16 @@ def build_app(engine, args):
                           if f.lower().endswith(IMAGE_EXTS))
 
     def on_image(image):
-        """A new image (or none): encode it and start a new conversation. It never updates the image component
-        itself: Gradio answers any update of a component with a fresh instance of its class, which would
-        bring back Gradio's own image decoding (and its bare 'Error') for the next upload."""
+        """A file that could not be read: say why (the page itself clears the chat and the status line as soon as
+        the image changes, see CLEAR_ON_NEW_IMAGE). A valid image needs nothing here: the first question about it
+        encodes it and starts the new conversation. This handler never updates the image component itself:
+        Gradio answers any update of a component with a fresh instance of its class, which would bring back
+        Gradio's own image decoding (and its bare 'Error') for the next upload."""
         if isinstance(image, InputError):  # the bad file stays in the component until replaced; Send refuses it
-            return [], session_start(), f"⚠️ {image}"
-        if image is None:  # removed by the user: keep any message
-            return [], session_start(), gr.skip()
-        state = session_start()
-        state["features"] = engine.encode([image])
-        return [], state, ""
+            return f"⚠️ {image}"
+        return gr.skip()
 
-    def on_question(question, image, state, temperature, top_k, top_p, max_new_tokens):
+    def on_question(question, image, chat, state, temperature, top_k, top_p, max_new_tokens):
         """Stream the answer into the chat. Yields (chatbot, state, textbox, status, send button); the button
         is disabled while an answer streams."""
         def refuse(message):
@@ -103,14 +110,16 @@ def build_app(engine, args):
         if image is None:
             yield refuse("Upload an image first (or click one of the examples).")
             return
-        if state["features"] is None:  # asked before the upload's own event finished encoding it
-            state = {"features": engine.encode([image]), "history": []}
         if not question:
             yield refuse("Type a question first.")
             return
         if IMAGE_MARKER in question:
             yield refuse(f"'{IMAGE_MARKER}' is reserved for the image; leave it out.")
             return
+        if state["image_key"] != image.info["upload_key"]:  # the first question about this image: encode it
+            state = session_start(image, engine)
+        elif not chat:  # the page's chat is empty (the same file uploaded again, or cleared): a new conversation
+            state = dict(state, history=[])
         history = state["history"]
         content = question if history else f"{IMAGE_MARKER}\n{question}"  # the image goes in the first turn
         messages = history + [{"role": "user", "content": content}]
@@ -135,7 +144,7 @@ def build_app(engine, args):
 
     def on_clear(state):
         """Forget the conversation, keep the image."""
-        return [], {"features": state["features"], "history": []}, "", ""
+        return [], dict(state, history=[]), "", ""
 
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts request
@@ -166,8 +175,11 @@ def build_app(engine, args):
                             label="Example questions")
                 clear = gr.Button("Clear conversation", elem_id="clear")
 
-        image.change(on_image, [image], [chatbot, state, status])
-        ask = dict(fn=on_question, inputs=[question, image, state, temperature, top_k, top_p, max_new],
+        # Done in the page, not on the server: a server-side clear could arrive after a question asked right after
+        # the upload, and wipe its answer.
+        image.change(fn=None, js=CLEAR_ON_NEW_IMAGE, outputs=[chatbot, status])
+        image.change(on_image, [image], [status])
+        ask = dict(fn=on_question, inputs=[question, image, chatbot, state, temperature, top_k, top_p, max_new],
                    outputs=[chatbot, state, question, status, send], concurrency_limit=args.concurrency,
                    concurrency_id="generate")
         send.click(**ask)

@@ -1,7 +1,7 @@
 """web_server.py in a subprocess, used through headless Chromium (Debian's `chromium`) driven by Playwright.
 
 Upload, ask, a streamed answer, a follow-up in the same conversation, a new image starting a new
-conversation, and no request to any other host. Messages in the page for a question without an image, a
+conversation (also when asked at once, and for the same file uploaded again), and no request to any other host. Messages in the page for a question without an image, a
 damaged `.png`, a `.txt` file and an empty question. Two browser contexts at once, each answered about its
 own image. The dirty-data corpus's images uploaded one after another in one page: each bad one explained in
 the status line, each unusual valid one answered. Without Chromium these tests are skipped, unless
@@ -142,6 +142,28 @@ def test_errors_are_shown_in_the_page(web, browser, images):
         assert "this model reads at most 8191" in page.wait_status("reads at most")
         assert page.wait_answer(page.ask(QUESTION)) == "green"
         assert "Traceback" not in page.page.content()
+    finally:
+        page.close()
+
+
+def test_question_right_after_upload_keeps_its_answer(web, browser, images):
+    """Asked before the upload's own events have finished: the answer is about the new image and stays (the
+    page, not a late server event, clears the chat for a new image)."""
+    page = Page(browser, web.url)
+    try:
+        page.upload(images / "red.png")
+        assert page.wait_answer(page.ask(QUESTION)) == "red"
+        page.upload(images / "blue.png", shown=False)
+        page.page.wait_for_selector('#image img[src*="blue.png"]', timeout=TIMEOUT_MS)
+        assert page.wait_answer(page.ask(QUESTION)) == "blue"
+        page.page.wait_for_timeout(3000)  # any late event would have landed by now
+        assert page.user_messages() == [QUESTION]
+        assert page.page.locator("#chat [data-testid=bot]").nth(0).inner_text().strip() == "blue"
+        # the same file again: a new conversation too
+        page.upload(images / "blue.png", shown=False)
+        page.page.wait_for_function("() => !document.querySelector('#chat [data-testid=bot]')", timeout=TIMEOUT_MS)
+        assert page.wait_answer(page.ask(FOLLOW_UP)) == "blue"
+        assert page.user_messages() == [FOLLOW_UP]
     finally:
         page.close()
 
