@@ -29,8 +29,9 @@ class KVCache:
     new key/value into the next free slot; concatenating onto the history instead would copy all of it at
     every step (quadratic in the answer's length). The caller holds it; the modules keep no state."""
 
-    def __init__(self, n_layers: int, batch_size: int, capacity: int):
+    def __init__(self, n_layers: int, batch_size: int, capacity: int, dtype: Optional[torch.dtype] = None):
         self.n_layers, self.batch_size, self.capacity = n_layers, batch_size, capacity
+        self.dtype = dtype  # of the stored keys/values (None: the first write's)
         self.k = self.v = None  # (n_layers, B, capacity, n_kv_heads, head_dim), allocated on first write
         self.length = 0  # positions filled (the same in every layer once a forward pass is complete)
 
@@ -41,8 +42,8 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.capacity} positions; this step needs {end}")
         if self.k is None:
             shape = (self.n_layers, self.batch_size, self.capacity) + tuple(k.shape[2:])
-            self.k = k.new_empty(shape)
-            self.v = v.new_empty(shape)
+            self.k = k.new_empty(shape, dtype=self.dtype or k.dtype)
+            self.v = v.new_empty(shape, dtype=self.dtype or v.dtype)
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
@@ -76,10 +77,10 @@ def precompute_rope(head_dim: int, max_len: int, theta: float):
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles, as upstream's complex-number
-    formulation does. x: (B, T, H, D); cos/sin: (T, D/2)."""
+    formulation does. x: (B, T, H, D); cos/sin: (T, D/2), or (B, T, D/2) for a position per row."""
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
@@ -101,15 +102,16 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # keys/values of the earlier positions, plus this step's
+        if cache is not None:  # keys/values of the earlier positions, plus this step's (in the cache's dtype)
             k, v = cache.update(layer, k, v)
+            q = q.to(k.dtype)
         # Grouped-query attention: each KV head serves n_heads // n_kv_heads consecutive query heads.
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_heads != self.n_kv_heads)
-        y = y.transpose(1, 2).reshape(B, T, -1)
+        y = y.transpose(1, 2).reshape(B, T, -1).to(x.dtype)
         return self.resid_dropout(self.wo(y))
 
 
