@@ -45,7 +45,7 @@ def parse_args(argv=None):
     a("--out", default=None, help="batch mode: predictions JSONL (None: next to --ckpt)")
     a("--control", choices=["none", "blank"], default="none",
       help="blank: replace every image by a uniform grey one (a no-vision baseline)")
-    a("--batch_size", type=int, default=32, help="batch mode: prompts generated together")
+    a("--batch_size", type=int, default=32, help="batch mode: answers decoded together")
     a("--limit", type=int, default=0, help="batch mode: only the first N records (0: all)")
     a("--feature_cache", default="out/feature_cache", help="batch mode: image feature cache ('' to disable)")
     a("--max_new_tokens", type=int, default=256, help="longest answer, in tokens")
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     a("--top_k", type=int, default=None, help="sample from the k likeliest tokens only (None: off)")
     a("--top_p", type=float, default=0.85, help="sample from the smallest set of tokens with this probability")
     a("--repetition_penalty", type=float, default=1.0, help="> 1 makes tokens already in the text less likely")
-    a("--seed", type=int, default=0, help="random seed of sampled answers")
+    a("--seed", type=int, default=0, help="random seed of sampled answers (batch mode: record i uses seed + i)")
     a("--on_bad_sample", choices=["error", "skip"], default="error",
       help="batch mode: a bad record or image stops the run with a message naming it (error), or is written to "
            "the predictions file with its error and left out of the score (skip)")
@@ -127,7 +127,7 @@ def run_batch(args, engine):
                 prompts.append(ids)
                 feats.append(f)
                 refs.append(messages[-1]["content"].strip())
-            answers = engine.answer_batch(prompts, feats, **sampling(args, True)) if chunk else []
+            answers = engine.answer_batch(prompts, feats, seed=args.seed + start, **sampling(args, True)) if chunk else []
             for e, ref, ans in zip(chunk, refs, answers):
                 hit, has = ans == ref, ref.lower() in ans.lower()
                 n, exact, contains = n + 1, exact + hit, contains + has
@@ -231,7 +231,8 @@ def chat(args):
     if args.ckpt is None:
         moe = "_moe" if args.use_moe else ""
         args.ckpt = f"out/{args.dim}{moe}_vlm_{'sft' if args.model_mode == 1 else 'pretrain'}"
-    engine = ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype)
+    batch = dict(max_batch=args.batch_size) if args.data_path else {}  # batch mode: decode a whole batch together
+    engine = ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype, **batch)
     args.ckpt = resolve_checkpoint(args.ckpt)
     print(f"MiniMind-V {args.ckpt}: {engine.model.num_parameters() / 1e6:.2f}M parameters "
           f"(dim {engine.cfg.dim}, {engine.cfg.n_layers} layers)", file=sys.stderr)

@@ -9,6 +9,11 @@
 Images come inside the request as data URLs ("data:image/png;base64,..."): the server never fetches a remote
 URL or opens a local path. Request bodies and images are bounded (--max_request_bytes, --max_image_bytes,
 --max_image_pixels); anything refused gets a 4xx answer with an OpenAI-style {"error": {...}} body.
+
+Concurrent requests are decoded together (continuous batching, up to --max_batch answers at once). A request
+beyond them waits, in arrival order, for a free slot: its client sees a later first token, not an error.
+When --max_waiting requests already wait, a new one gets 429 (code "server_busy", with a Retry-After header),
+which the openai client retries by itself. A client that disconnects mid-answer frees its slot at once.
 """
 import argparse
 import base64
@@ -29,7 +34,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
 from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
-from model.engine import MAX_IMAGE_BYTES, InputError, PromptTooLong, TooLarge, open_image  # noqa: E402
+from model.engine import MAX_IMAGE_BYTES, Busy, InputError, PromptTooLong, TooLarge, open_image  # noqa: E402
 from model.vision import MAX_IMAGE_PIXELS  # noqa: E402
 
 MAX_REQUEST_BYTES = 16 * 2 ** 20
@@ -44,14 +49,15 @@ def parse_args(argv=None):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str = None, code: str = None):
+    def __init__(self, status: int, message: str, param: str = None, code: str = None, headers=None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_response(status, message, param=None, code=None):
+def error_response(status, message, param=None, code=None, headers=None):
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
 def decode_data_url(url: str, where: str) -> bytes:
@@ -136,7 +142,7 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return error_response(e.status, e.message, e.param, e.code)
+        return error_response(e.status, e.message, e.param, e.code, e.headers)
 
     @app.get("/v1/models")
     async def models():
@@ -180,6 +186,8 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
             generation = engine.generate(messages, features, **params)
         except InputError as e:
             raise ApiError(400, str(e), "messages", "context_length_exceeded" if isinstance(e, PromptTooLong) else None)
+        except Busy as e:
+            raise ApiError(429, str(e), code="server_busy", headers={"Retry-After": "1"})
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = lambda: {"prompt_tokens": generation.prompt_tokens,  # noqa: E731
                          "completion_tokens": generation.completion_tokens,
@@ -193,15 +201,19 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def events():  # run by Starlette in a worker thread, one chunk at a time
+        async def events():
             def chunk(delta, finish=None, **extra):
                 data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": engine.name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                         **extra}
                 return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
             yield chunk({"role": "assistant", "content": ""})
-            for piece in generation:
-                yield chunk({"content": piece})
+            pieces = iter(generation)
+            try:  # each piece is awaited in a worker thread; a client that disconnects cancels this await
+                while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                    yield chunk({"content": piece})
+            finally:
+                generation.cancel()  # frees the slot at once if the answer is not over (no-op if it is)
             yield chunk({}, generation.finish_reason)
             if include_usage:
                 data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": engine.name,

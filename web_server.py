@@ -5,7 +5,9 @@
       --vision_model model/clip_model/random-clip-vit-base-patch32-seed0   # after `make demo`
 
 Each browser session keeps its own image and conversation; a new image starts a new conversation. Answers
-of several visitors are generated concurrently, one decoding step at a time. Nothing is fetched from the
+of several visitors are decoded together, one forward pass per token for all of them (continuous batching,
+up to --max_batch at once); later visitors wait in Gradio's queue, which shows them their place (up to
+--max_waiting, then Gradio says the queue is full). Nothing is fetched from the
 internet (no analytics, no web fonts).
 """
 import argparse
@@ -23,7 +25,7 @@ import gradio as gr  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
 from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
-from model.engine import InputError, open_image  # noqa: E402
+from model.engine import Busy, InputError, open_image  # noqa: E402
 
 EXAMPLE_IMAGES_DIR = "dataset/eval_images"
 EXAMPLE_QUESTIONS = ["Describe this image.", "What colour is the shape?", "What shape is it?",
@@ -39,7 +41,6 @@ def parse_args(argv=None):
     add_serving_args(p, default_port=7788)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--examples_dir", default=EXAMPLE_IMAGES_DIR, help="example images shown under the upload")
-    p.add_argument("--concurrency", type=int, default=4, help="answers generated at the same time")
     return p.parse_args(argv)
 
 
@@ -126,7 +127,7 @@ def build_app(engine, args):
         try:
             generation = engine.generate(messages, state["features"], max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=int(top_k), top_p=top_p)
-        except InputError as e:
+        except (InputError, Busy) as e:
             yield refuse(e)
             return
         view = chat_view(messages) + [{"role": "assistant", "content": ""}]
@@ -139,6 +140,8 @@ def build_app(engine, args):
         except Exception as e:  # show it, keep the page usable; the server log has the traceback
             print(f"generation failed: {e!r}", file=sys.stderr)
             status = f"⚠️ The model failed while answering ({type(e).__name__}); see the server log."
+        finally:  # also when Gradio drops this handler (the visitor left): the answer's slot frees at once
+            generation.cancel()
         state["history"] = messages + [{"role": "assistant", "content": view[-1]["content"]}]
         yield view, state, gr.skip(), status, gr.update(interactive=True)
 
@@ -180,7 +183,7 @@ def build_app(engine, args):
         image.change(fn=None, js=CLEAR_ON_NEW_IMAGE, outputs=[chatbot, status])
         image.change(on_image, [image], [status])
         ask = dict(fn=on_question, inputs=[question, image, chatbot, state, temperature, top_k, top_p, max_new],
-                   outputs=[chatbot, state, question, status, send], concurrency_limit=args.concurrency,
+                   outputs=[chatbot, state, question, status, send], concurrency_limit=args.max_batch,
                    concurrency_id="generate")
         send.click(**ask)
         question.submit(**ask)
@@ -194,7 +197,7 @@ def main(argv=None):
     engine = load_engine(args)
     print(f"MiniMind-V: {engine.describe()}", file=sys.stderr)
     app, theme = build_app(engine, args)
-    app.queue(max_size=64, default_concurrency_limit=args.concurrency)
+    app.queue(max_size=args.max_waiting, default_concurrency_limit=args.max_batch)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
                max_file_size=args.max_image_bytes, theme=theme, css=CSS, footer_links=["gradio"],
                show_error=False, quiet=False)

@@ -48,9 +48,16 @@ def add_max_image_pixels(parser):
 
 def add_serving_args(parser, default_port: int):
     """The loading, binding and upload-limit flags both servers take."""
-    from .engine import MAX_IMAGE_BYTES
+    from .engine import MAX_BATCH, MAX_IMAGE_BYTES, MAX_WAITING
     add_model_args(parser)
     a = parser.add_argument
+    a("--max_batch", type=int, default=MAX_BATCH, help="answers decoded together, one forward pass per token for "
+      "all of them (continuous batching); later requests wait, in arrival order, for a free slot")
+    a("--max_waiting", type=int, default=MAX_WAITING, help="requests that may wait for a slot; beyond them a request "
+      "is refused at once as busy (HTTP 429 in the API, a message in the web demo)")
+    a("--row_block", type=int, default=0, help="pad each decoding step to a multiple of this many rows. 4 makes "
+      "fp32 answers on CPU identical alone or batched (MKL rounds a row differently by row count) at ~1.4x the "
+      "cost of one fp32 stream; 1 is fastest; 0 = 4 for fp32 on CPU, else 1 (bf16 rounds rows alike)")
     a("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to your network")
     a("--port", type=int, default=default_port, help="port to listen on")
     a("--max_image_bytes", type=int, default=MAX_IMAGE_BYTES, help="largest image upload, in bytes")
@@ -61,6 +68,7 @@ def load_engine(args):
     """ChatEngine from the parsed model flags, or exit with the loading error (missing file, wrong keys...)."""
     from .engine import ChatEngine
     try:
-        return ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype)
+        return ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype,
+                               max_batch=args.max_batch, max_waiting=args.max_waiting, row_block=args.row_block)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -7,25 +7,48 @@ conversations. 3-eval_chat.py, web_server.py, serve_openai_api.py and the export
   one answer, streamed                 ChatEngine.generate -> Generation (text pieces as they are decoded)
   many answers at once                 ChatEngine.answer_batch (left-padded batch, greedy or sampled)
 
-Many users, one model: every request keeps its own conversation, image features, KV cache and random
-generator, so nothing mutable is shared between them. The model runs one forward pass at a time (a lock
-around each decoding step), which lets concurrent streams interleave token by token.
+Many users, one model (continuous batching): every request keeps its own conversation, image features, KV
+cache, sampling settings and seeded random generator. One scheduler thread (Scheduler, started on the first
+answer) runs ONE forward pass per step over every active request: a new request's prompt is prefilled between
+two steps and it joins the next one; a finished request (EOS, max tokens) or a cancelled one (its consumer
+closed the Generation: client gone, stop pressed) leaves at once and frees its slot. At most `max_batch`
+requests decode together; later ones wait in arrival order, and beyond `max_waiting` waiting ones
+ChatEngine.generate refuses with Busy (the API's 429).
+
+A decoding step (Scheduler.decode_step) runs the weight matmuls on the stacked rows' one new token each, with
+q/k/v and w1/w3 fused into single products (fuse_projections: the parameters become views of the fused
+matrices, so the state dict and the prefill are unchanged); each row's attention reads its own unpadded KV
+cache at its own RoPE position.
+
+Batched answers equal solo ones. On CPU, oneDNN's bf16 products round each row the same whatever the number
+of rows, but MKL's fp32 products do not (one row takes a matrix-vector kernel; then rows in blocks of 4 are
+computed alike, the remainder by an edge kernel). So with fp32 weights on CPU a step pads its batch to a
+multiple of row_block = 4 rows: a request's greedy answer (and its seeded sampled one) is then bit-identical
+however many others run beside it and whenever they join (tests/test_batching.py). The price is a slower
+single fp32 stream (4 rows cost ~1.4x one); row_block=1 trades the equality for that speed. MoE experts see a
+varying number of rows, so with use_moe answers are equal only up to rounding; on CUDA this is not checked.
 """
+import collections
 import io
+import queue
 import secrets
 import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .checkpoint import load_vlm, resolve_checkpoint
 from .LMConfig import IMAGE_MARKER
+from .model import FeedForward, KVCache, apply_rope, sample_next_token
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
 from .vision import (DEFAULT_VISION_MODEL, MAX_IMAGE_PIXELS, BadImage, autocast_dtype, cached_features,
                      encode_images, load_vision_model, pixels_of, read_image)
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded
+MAX_BATCH = 8  # answers decoded together; more wait for a free slot
+MAX_WAITING = 64  # answers waiting for a slot; more are refused (Busy)
 
 
 class InputError(ValueError):
@@ -34,6 +57,10 @@ class InputError(ValueError):
 
 class TooLarge(InputError):
     """An upload over a size limit (bytes or pixels)."""
+
+
+class Busy(RuntimeError):
+    """Every decoding slot is taken and the waiting line is full: try again later (HTTP 429)."""
 
 
 class PromptTooLong(InputError):
@@ -119,7 +146,8 @@ def text_pieces(token_ids, tokenizer):
 
 class Generation:
     """Iterate for the answer's text pieces; afterwards prompt_tokens, completion_tokens and finish_reason
-    ('stop': the model ended its answer, 'length': max_new_tokens or the context ran out) are set."""
+    ('stop': the model ended its answer, 'length': max_new_tokens or the context ran out, 'cancelled') are
+    set. cancel() (from any thread), or closing the iterator early, stops the answer and frees its slot."""
 
     def __init__(self, engine, ids, image_features, max_new_tokens, sampling, seed):
         self.engine, self.ids, self.image_features = engine, ids, image_features
@@ -129,29 +157,35 @@ class Generation:
         self.max_new_tokens = max(0, min(int(max_new_tokens), room))
         self.sampling = sampling
         self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self.request = _Request(self)
+
+    def cancel(self):
+        """The consumer has gone (client disconnected, stop pressed): the scheduler drops the request before
+        its next step, and an iteration in progress ends."""
+        self.request.cancelled = True
 
     def __iter__(self):
-        e = self.engine
-        eos = e.tokenizer.eos_token_id
-        generator = torch.Generator(device=e.device).manual_seed(self.seed)
-        ids = torch.tensor([self.ids], device=e.device)
-        feats = None if self.image_features is None else [self.image_features.to(e.device)]
-        steps = e.model.stream_generate(ids, feats, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
-                                        generator=generator, **self.sampling)
-        self.finish_reason = "length"
+        """Text pieces. The request joins the engine's scheduler on the first next()."""
+        request = self.request
+        if request.submitted:
+            raise RuntimeError("a Generation streams its answer once")
+        request.submitted = True
+        self.engine.scheduler().submit(request)
 
         def tokens():
-            while True:
-                with e.lock:  # one forward pass at a time; other requests' steps interleave between ours
-                    token = next(steps, None)
-                if token is None:
-                    return
-                if int(token[0]) == eos:
-                    self.finish_reason = "stop"
-                    return
-                self.completion_tokens += 1
-                yield int(token[0])
-        yield from text_pieces(tokens(), e.tokenizer)
+            try:
+                while True:
+                    token = request.out.get()
+                    if token is None:  # the end; finish_reason is set
+                        self.finish_reason = request.finish_reason
+                        return
+                    if isinstance(token, BaseException):
+                        raise token
+                    self.completion_tokens += 1
+                    yield token
+            finally:
+                request.cancelled = True  # no-op after the end; otherwise the scheduler drops it
+        yield from text_pieces(tokens(), self.engine.tokenizer)
 
     def text(self) -> str:
         return "".join(self)
@@ -161,18 +195,39 @@ class ChatEngine:
     """A MiniMind-V model, its tokenizer and the frozen vision tower, ready to answer. `ChatEngine.load`
     reads them from files; the constructor takes them already loaded (as the exported model does)."""
 
-    def __init__(self, model, tokenizer, vision_model, autocast=None, name="MiniMind-V", vision_name=""):
+    def __init__(self, model, tokenizer, vision_model, autocast=None, name="MiniMind-V", vision_name="",
+                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=0):
         self.model, self.tokenizer, self.vision = model.eval(), tokenizer, vision_model
         self.cfg = model.params
         self.device = model.output.weight.device
         self.autocast = autocast  # dtype the image encoder runs in (None: fp32)
         self.name, self.vision_name = name, vision_name
-        self.lock = threading.Lock()
+        if max_batch < 1 or max_waiting < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
+        self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
+        fp32_cpu = self.device.type == "cpu" and model.output.weight.dtype == torch.float32
+        self.row_block = int(row_block) or (4 if fp32_cpu else 1)  # a step's rows: a multiple of this (see above)
+        self.fused = fuse_projections(model)
+        # Keys/values are kept in fp32 on CPU: there, one query's attention over bf16 keys takes ~4x as long as
+        # over fp32 ones (measured: 93 vs 20 us a call), and the cache is small next to the weights.
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else model.output.weight.dtype
+        self.lock = threading.Lock()  # one forward pass at a time: the scheduler's steps and image encoding
+        self._scheduler = None
+        self._scheduler_lock = threading.Lock()
+
+    def scheduler(self) -> "Scheduler":
+        """The continuous-batching scheduler (its thread starts on first use)."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self)
+            return self._scheduler
 
     @classmethod
-    def load(cls, ckpt, vision_model=DEFAULT_VISION_MODEL, tokenizer=DEFAULT_TOKENIZER, device=None, dtype="auto"):
+    def load(cls, ckpt, vision_model=DEFAULT_VISION_MODEL, tokenizer=DEFAULT_TOKENIZER, device=None, dtype="auto",
+             **batching):
         """From a checkpoint (.safetensors/.pth/stem/export directory), a CLIP directory and a tokenizer
-        directory. Missing or mismatched files raise FileNotFoundError or ValueError naming them."""
+        directory (batching: max_batch, max_waiting, row_block). Missing or mismatched files raise FileNotFoundError or
+        ValueError naming them."""
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)
@@ -186,7 +241,7 @@ class ChatEngine:
             # fp16 weights are not used: an fp16 residual stream can overflow where bf16's range cannot.
             model.to(amp)
             model.init_buffers(device)  # RoPE tables back to fp32 (.to converted them)
-        return cls(model, tok, vision, amp, Path(ckpt).stem, Path(vision_model).name)
+        return cls(model, tok, vision, amp, Path(ckpt).stem, Path(vision_model).name, **batching)
 
     def describe(self) -> str:
         moe = ", MoE" if self.cfg.use_moe else ""
@@ -237,22 +292,228 @@ class ChatEngine:
             raise InputError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if self._scheduler is not None and self._scheduler.queued() >= self.max_batch + self.max_waiting:
+            raise Busy(f"the server is busy: {self.max_batch} answers are being written and {self.max_waiting} "
+                       "more are waiting; try again in a moment")
         sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
                         repetition_penalty=repetition_penalty)
         return Generation(self, ids, image_features, max_new_tokens, sampling, seed)
 
-    @torch.inference_mode()
-    def answer_batch(self, prompt_ids, image_features, **sampling) -> list:
-        """Answers (strings) for a batch of prompts (ids from prepare), each with its (n_i, 50, 768) image
-        features or None, generated together; sampling as MiniMindVLM.stream_generate takes it."""
-        ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id or 0)
-        feats = [None if f is None else f.to(self.device) for f in image_features]
-        eos = self.tokenizer.eos_token_id
-        with self.lock:
-            out = self.model.generate(ids.to(self.device), feats, attention_mask=mask.to(self.device),
-                                      eos_token_id=eos, **sampling)
+    def answer_batch(self, prompt_ids, image_features, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
+                     repetition_penalty=1.0, seed=None) -> list:
+        """Answers (strings) for many prompts (ids from prepare), each with its (n_i, 50, 768) image features or
+        None, decoded together by the scheduler (up to max_batch at a time). Prompt i samples with seed + i."""
+        sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
+                        repetition_penalty=repetition_penalty)
+        gens = [Generation(self, ids, f, max_new_tokens, sampling, None if seed is None else seed + i)
+                for i, (ids, f) in enumerate(zip(prompt_ids, image_features))]
+        requests = [g.request for g in gens]
+        for r in requests:
+            r.submitted = True
+            self.scheduler().submit(r)
         answers = []
-        for row in out.tolist():
-            row = row[:row.index(eos)] if eos in row else row
-            answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        for r in requests:
+            tokens = []
+            while (token := r.out.get()) is not None:
+                if isinstance(token, BaseException):
+                    raise token
+                tokens.append(token)
+            answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
         return answers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+def fuse_projections(model):
+    """Per layer, (wqkv, w13): q/k/v stacked into one (q+k+v, dim) matrix and w1/w3 into one (2*hidden, dim)
+    matrix, so a decoding step runs 4 weight products a layer instead of 7 (at one token a row, each product
+    costs about as much in fixed overhead as in arithmetic). The layer's own wq/wk/wv/w1/w3 weights become
+    views of these matrices: no memory is added and the state dict keeps upstream's names. w13 is None for a
+    MoE layer (its experts are run as they are)."""
+    fused = []
+    with torch.no_grad():
+        for layer in model.layers:
+            att, ff = layer.attention, layer.feed_forward
+            mats = [(att.wq, att.wk, att.wv)] + ([(ff.w1, ff.w3)] if isinstance(ff, FeedForward) else [])
+            pair = []
+            for linears in mats:
+                whole = torch.cat([lin.weight for lin in linears])
+                start = 0
+                for lin in linears:
+                    n = lin.weight.shape[0]
+                    lin.weight.data = whole[start:start + n]
+                    start += n
+                pair.append(whole)
+            fused.append((pair[0], pair[1] if len(pair) > 1 else None))
+    return fused
+
+
+class _Request:
+    """One Generation inside the scheduler: its ids, KV cache and random generator. The scheduler puts token
+    ids on `out`, then None (the end, finish_reason set) or an exception; the consumer sets `cancelled`."""
+
+    def __init__(self, generation):
+        self.gen = generation
+        self.out = queue.Queue()
+        self.cancelled = self.submitted = False
+        self.finish_reason = None
+        self.ids = self.cache = self.generator = None
+        self.n = 0  # ids filled: prompt + answer so far
+
+    def finish(self, reason):
+        self.finish_reason = reason
+        self.out.put(None)
+
+
+class Scheduler:
+    """The continuous-batching thread of one ChatEngine. Each turn of its loop: admit waiting requests while
+    fewer than max_batch decode (each prefilled alone, which also samples its first token), then run one
+    decoding step over every active request. Requests that finished or were cancelled leave between steps."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.cond = threading.Condition()
+        self.waiting = collections.deque()
+        self.active = []
+        self.steps = 0  # decoding steps run
+        self.most_active = 0  # the largest batch a step has run
+        self.cancelled = 0  # requests dropped because their consumer went away
+        threading.Thread(target=self._loop, name="minimind-scheduler", daemon=True).start()
+
+    def submit(self, request):
+        with self.cond:
+            self.waiting.append(request)
+            self.cond.notify()
+
+    def queued(self) -> int:
+        """Requests decoding or waiting (not cancelled)."""
+        load = self.load()
+        return load["active"] + load["waiting"]
+
+    def load(self) -> dict:
+        """{'active': requests decoding, 'waiting': requests waiting for a slot} (a snapshot)."""
+        with self.cond:
+            return {"active": sum(not r.cancelled for r in self.active),
+                    "waiting": sum(not r.cancelled for r in self.waiting)}
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.active and not self.waiting:
+                    self.cond.wait()
+                admitted = []
+                while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
+                    r = self.waiting.popleft()
+                    if not self._dropped(r):
+                        admitted.append(r)
+            joined = [r for r in admitted if self._prefill(r)]
+            with self.cond:
+                self.active = [r for r in self.active + joined if not self._dropped(r)]
+                rows = list(self.active)
+            if rows:
+                self.decode_step(rows)
+                with self.cond:  # finished and cancelled requests leave; their slots are free
+                    self.active = [r for r in self.active if r.finish_reason is None and not self._dropped(r)]
+
+    def _dropped(self, r) -> bool:
+        """True for a request whose consumer went away; the first time before its end, it is counted and
+        ended (which wakes a consumer still waiting for its next token)."""
+        if r.cancelled and r.finish_reason is None:
+            self.cancelled += 1
+            r.finish("cancelled")
+        return r.cancelled
+
+    def _emit(self, r, logits) -> bool:
+        """Sample r's next token from its (1, V) logits and hand it over; False when r is done."""
+        s = r.gen.sampling
+        token = sample_next_token(logits.float(), r.ids[:, :r.n], s["temperature"], s["top_k"], s["top_p"],
+                                  s["repetition_penalty"], r.generator)
+        t = int(token[0])
+        if t == self.engine.tokenizer.eos_token_id:
+            r.finish("stop")
+            return False
+        r.out.put(t)
+        r.ids[0, r.n] = t
+        r.n += 1
+        if r.n == r.ids.shape[1]:
+            r.finish("length")
+            return False
+        return True
+
+    def _prefill(self, r) -> bool:
+        """Run r's prompt alone through the model's forward pass, filling its KV cache, and emit its first
+        token; True if it goes on to decode."""
+        e, g = self.engine, r.gen
+        try:
+            if g.max_new_tokens <= 0:
+                r.finish("length")
+                return False
+            T = len(g.ids)
+            r.generator = torch.Generator(device=e.device).manual_seed(g.seed)
+            r.ids = torch.empty((1, T + g.max_new_tokens), dtype=torch.long, device=e.device)
+            r.ids[0, :T] = torch.tensor(g.ids, dtype=torch.long)
+            r.cache = KVCache(len(e.model.layers), 1, T + g.max_new_tokens, e.kv_dtype)
+            feats = None if g.image_features is None else [g.image_features.to(e.device)]
+            with e.lock, torch.inference_mode():
+                out = e.model(r.ids[:, :T], feats, past_key_values=r.cache)
+                r.n = T
+                return self._emit(r, out.logits[:, -1, :])
+        except Exception as ex:  # this request fails; the others go on
+            r.finish_reason = "error"
+            r.out.put(ex)
+            return False
+
+    def decode_step(self, rows):
+        """One decoding step for every active row: its next token is sampled and handed over. A failure fails
+        every request in the step (and only them)."""
+        self.steps += 1
+        self.most_active = max(self.most_active, len(rows))
+        try:
+            with self.engine.lock, torch.inference_mode():
+                logits = self.step_logits(rows)
+                for b, r in enumerate(rows):
+                    if not r.cancelled:
+                        self._emit(r, logits[b:b + 1])
+        except Exception as ex:
+            for r in rows:
+                if r.finish_reason is None:
+                    r.finish_reason = "error"
+                    r.out.put(ex)
+
+    def step_logits(self, rows):
+        """(B, vocab) logits of each row's last token, written into its KV cache: MiniMindVLM.forward's
+        arithmetic for one new position, with the weight products run on all rows at once (padded to a
+        multiple of row_block) and the attention run per row over its own cache."""
+        e = self.engine
+        m = e.model
+        B = len(rows)
+        P = -(-B // e.row_block) * e.row_block
+        tokens = torch.cat([r.ids[:, r.n - 1:r.n] for r in rows] + [rows[0].ids[:, :1]] * (P - B))
+        pos = torch.tensor([r.cache.length for r in rows] + [0] * (P - B), device=e.device)
+        h = m.tok_embeddings(tokens)  # (P, 1, dim)
+        cos, sin = m.rope_cos[pos][:, None, :], m.rope_sin[pos][:, None, :]  # (P, 1, head_dim / 2)
+        for layer, (wqkv, w13) in zip(m.layers, e.fused):
+            att = layer.attention
+            hd, nq, nkv = att.head_dim, att.n_heads, att.n_kv_heads
+            qkv = F.linear(layer.attention_norm(h), wqkv)
+            qk = apply_rope(qkv[..., :(nq + nkv) * hd].view(P, 1, nq + nkv, hd), cos, sin)  # q and k at once
+            q, k = qk[:, :, :nq].to(e.kv_dtype), qk[:, :, nq:]
+            v = qkv[..., (nq + nkv) * hd:].view(P, 1, nkv, hd)
+            ys = []
+            for b, r in enumerate(rows):
+                kb, vb = r.cache.update(layer.layer_id, k[b:b + 1], v[b:b + 1])
+                ys.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), kb.transpose(1, 2),
+                                                         vb.transpose(1, 2), enable_gqa=nq != nkv))
+            ys += [ys[0]] * (P - B)  # padding rows: any value, their results are dropped
+            h = h + att.wo(torch.cat(ys).transpose(1, 2).reshape(P, 1, nq * hd).to(h.dtype))
+            x = layer.ffn_norm(h)
+            if w13 is None:  # MoE
+                h = h + layer.feed_forward(x)
+            else:
+                a, b = F.linear(x, w13).chunk(2, dim=-1)
+                h = h + layer.feed_forward.w2(F.silu(a) * b)
+        for r in rows:
+            r.cache.advance(1)
+        return m.output(m.norm(h))[:B, -1, :]
