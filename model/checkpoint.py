@@ -1,6 +1,8 @@
 """Reading and writing model weights: safe (no unpickling of code), strict (every mismatch is an error that
 lists the keys), atomic (a kill during a save leaves the previous file intact)."""
+import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -35,22 +37,80 @@ def resolve_checkpoint(path) -> str:
     return str(p)
 
 
-def read_state_dict(path) -> dict:
-    """Tensors from a .pth (torch.load with weights_only=True) or a .safetensors file."""
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path, dtype=None, keep=None) -> dict:
+    """Tensors of a .safetensors file, read one at a time with plain file reads and floating-point ones
+    converted to `dtype` as they are read; `keep(name)` chooses which. Unlike safetensors' own memory-mapped
+    loader, the file's pages never count in this process's resident memory, and an fp32 file becomes bf16
+    weights without an fp32 copy of the whole: what the 0.6 GB inference footprint needs. The format is a
+    little-endian u64 header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    size = os.path.getsize(path)
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(size - 8, 100 * 2 ** 20):
+            raise ValueError(f"header length {n} does not fit a {size}-byte file")
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__" or (keep is not None and not keep(name)):
+                continue
+            begin, end = info["data_offsets"]
+            src = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            if not 0 <= begin <= end <= size - base or end - begin != math.prod(shape) * src.itemsize:
+                raise ValueError(f"tensor {name}: data_offsets {info['data_offsets']} do not fit its shape "
+                                 f"{list(shape)} or the file")
+            f.seek(base + begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"tensor {name}: the file ends inside its data")
+            t = torch.frombuffer(buf, dtype=src) if buf else torch.empty(0, dtype=src)
+            t = t.reshape(shape)
+            out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return out
+
+
+@contextlib.contextmanager
+def weightless():
+    """Build modules on the meta device with torch.nn.init's in-place initialisers turned off: shapes only, for
+    weights that a file then supplies (load_state_dict(..., assign=True)). Initialising meta tensors would
+    load torch's symbolic machinery (sympy, dynamo: ~75 MB resident) to compute nothing."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def read_state_dict(path, dtype=None) -> dict:
+    """Tensors from a .pth (torch.load with weights_only=True) or a .safetensors file; floating-point ones
+    in `dtype` if given."""
     path = str(path)
     if os.path.isdir(path):  # a directory written by export_model.py
         inner = os.path.join(path, "model.safetensors")
         if not os.path.isfile(inner):
             raise CheckpointError(f"{path} is a directory without model.safetensors (not an export_model.py export)")
-        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in read_state_dict(inner).items()}
+        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in read_state_dict(inner, dtype).items()}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
+            sd = read_safetensors(path, dtype)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+            if dtype is not None and isinstance(sd, dict):
+                sd = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                      for k, v in sd.items()}
     except Exception as e:  # truncated file, not a checkpoint, or a pickle that wants to run code
         raise CheckpointError(f"cannot read checkpoint {path} (truncated, damaged or not a checkpoint): "
                               f"{type(e).__name__}: {e}") from None
@@ -62,9 +122,10 @@ def read_state_dict(path) -> dict:
     return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
 
 
-def load_strict(model, state_dict, allow_missing=(), where="checkpoint"):
+def load_strict(model, state_dict, allow_missing=(), where="checkpoint", assign=False):
     """Load every tensor; anything missing (outside the allow-listed prefixes), unexpected or of the wrong
-    shape is an error naming the keys."""
+    shape is an error naming the keys. assign=True makes the tensors themselves the parameters (for a model
+    built on the meta device)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not k.startswith(tuple(allow_missing))]
     unexpected = [k for k in state_dict if k not in own]
@@ -80,7 +141,7 @@ def load_strict(model, state_dict, allow_missing=(), where="checkpoint"):
             lines.append(f"  shape mismatches ({len(shapes)}): " + "; ".join(shapes[:10]))
         lines += _config_difference(model, state_dict)
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=False)  # strictness checked above, with the allow-list
+    model.load_state_dict(state_dict, strict=False, assign=assign)  # strictness checked above, with the allow-list
 
 
 def _config_difference(model, state_dict) -> list:
@@ -163,10 +224,11 @@ def _config(path, key) -> LMConfig:
         raise CheckpointError(f"the model config in {path} is not valid: {e}") from None
 
 
-def load_vlm(ckpt_path, tokenizer, device="cpu"):
-    """A MiniMindVLM from a .safetensors/.pth checkpoint (config from its sidecar JSON, else inferred from
-    tensor shapes) or from a directory written by export_model.py."""
-    sd = read_state_dict(ckpt_path)
+def load_vlm(ckpt_path, tokenizer, device="cpu", dtype=torch.float32):
+    """A MiniMindVLM, its weights in `dtype`, from a .safetensors/.pth checkpoint (config from its sidecar
+    JSON, else inferred from tensor shapes) or from a directory written by export_model.py. The model is built
+    on the meta device and takes the file's tensors as its weights: no random init, no second copy."""
+    sd = read_state_dict(ckpt_path, dtype)
     image_ids = image_token_ids(tokenizer)
     if Path(ckpt_path).is_dir():  # export_model.py's directory: LMConfig inside config.json
         cfg = _config(Path(ckpt_path) / "config.json", "lm_config")
@@ -181,6 +243,9 @@ def load_vlm(ckpt_path, tokenizer, device="cpu"):
     if list(cfg.image_ids) != list(image_ids):
         raise CheckpointError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
                          f"tokenizer gives {image_ids[:1]}...: use the tokenizer it was trained with")
-    model = MiniMindVLM(cfg)
-    load_strict(model, sd, where=str(ckpt_path))
+    with weightless():
+        model = MiniMindVLM(cfg)
+    load_strict(model, sd, where=str(ckpt_path), assign=True)
+    model.tok_embeddings.weight = model.output.weight  # assign replaced each by its own tensor: tie them again
+    model.init_buffers()  # RoPE tables and placeholder ids (not in the file)
     return model.eval().to(device), cfg

@@ -231,16 +231,14 @@ class ChatEngine:
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)
-        model, _ = load_vlm(ckpt, tok, device)
         amp = autocast_dtype(device.type, dtype)
-        bf16 = amp == torch.bfloat16
-        vision = load_vision_model(vision_model, device, torch.bfloat16 if bf16 else torch.float32)
-        if bf16:
-            # Decoding one stream reads every weight once per token, so weights of half the bytes decode faster.
-            # RMSNorm, RoPE and the sampled logits stay fp32 (model.py); the KV cache follows the weights' dtype.
-            # fp16 weights are not used: an fp16 residual stream can overflow where bf16's range cannot.
-            model.to(amp)
-            model.init_buffers(device)  # RoPE tables back to fp32 (.to converted them)
+        # bf16 where the hardware has it: decoding one stream reads every weight once per token, so weights of
+        # half the bytes decode faster. RMSNorm, RoPE and the sampled logits stay fp32 (model.py), and so does
+        # the KV cache on CPU (see kv_dtype). fp16 weights are not used: an fp16 residual stream can overflow
+        # where bf16's range cannot. The weights are read straight into their dtype (no fp32 copy in memory).
+        weights = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
+        model, _ = load_vlm(ckpt, tok, device, weights)
+        vision = load_vision_model(vision_model, device, weights)
         return cls(model, tok, vision, amp, Path(ckpt).stem, Path(vision_model).name, **batching)
 
     def describe(self) -> str:

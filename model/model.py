@@ -253,9 +253,10 @@ class MiniMindVLM(nn.Module):
         """(Re)compute the RoPE tables and placeholder ids from the config (also after a loader that
         creates the model on the 'meta' device, as transformers' from_pretrained does)."""
         cfg = self.params
-        cos, sin = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
-        self.image_ids = torch.tensor(cfg.image_ids, dtype=torch.long, device=device)
+        with torch.device("cpu"):  # real tables even inside a meta-device build (and no symbolic meta kernels)
+            cos, sin = precompute_rope(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+            image_ids = torch.tensor(cfg.image_ids, dtype=torch.long)
+        self.rope_cos, self.rope_sin, self.image_ids = cos.to(device), sin.to(device), image_ids.to(device)
 
     @staticmethod
     def _init_weights(module):
