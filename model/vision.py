@@ -7,10 +7,13 @@ exists for the offline demo only, is made only on request, and lives in a direct
 """
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 from .LMConfig import N_IMAGE_TOKENS
@@ -27,15 +30,30 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-def _vision_config_from_dir(path: Path):
-    from transformers import CLIPVisionConfig
+@dataclass
+class CLIPVisionSettings:
+    """What the tower's config.json says about its shape (the fields of transformers' CLIPVisionConfig)."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+
+def _vision_config_from_dir(path: Path) -> CLIPVisionSettings:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: not a Hugging Face model directory.\n{CLIP_DOWNLOAD_HINT}")
     raw = json.loads(cfg_file.read_text())
     # A full CLIPModel keeps the tower's settings under "vision_config"; a CLIPVisionModel at top level.
     vision = raw.get("vision_config", raw)
-    cfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k not in ("architectures", "model_type")})
+    cfg = CLIPVisionSettings(**{f.name: vision[f.name] for f in fields(CLIPVisionSettings) if f.name in vision})
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{cfg_file}: hidden_act {cfg.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
     n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
     if n_tokens != N_IMAGE_TOKENS or cfg.image_size != IMAGE_SIZE:
         raise ValueError(f"{path}: a {cfg.image_size}px / patch {cfg.patch_size} tower gives {n_tokens} tokens; "
@@ -43,17 +61,101 @@ def _vision_config_from_dir(path: Path):
     return cfg
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The tower: CLIP's vision transformer, with the parameter names of transformers' CLIPVisionModel so that
+# openai/clip-vit-base-patch32's files load strictly. Written here rather than imported: importing
+# transformers' modeling code costs ~90 MB of resident memory and a second of start-up, for ~50 lines.
+
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionSettings):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, 7, 7)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, 49, D)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPVisionSettings):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(4))
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = (p(x).view(N, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every token sees every token
+        return self.out_proj(y.transpose(1, 2).reshape(N, T, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPVisionSettings):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPVisionSettings):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPVisionSettings):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    """pixels (N, 3, 224, 224) -> (N, 50, 768): the encoder's last hidden state (CLS + 49 patch tokens), before
+    the post-LayerNorm, as transformers' CLIPVisionModel(...).last_hidden_state. post_layernorm is kept only so
+    the file's weights load strictly; MiniMind-V does not use it."""
+
+    def __init__(self, cfg: CLIPVisionSettings):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # (sic: CLIP's own name)
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values):
+        h = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.encoder.layers:
+            h = layer(h)
+        return h
+
+
 def _read_tower_state_dict(path: Path, dtype=torch.float32):
-    """Vision-tower tensors, in `dtype`, from model.safetensors (preferred; read one tensor at a time, so a full
-    CLIPModel's text half and an fp32 copy of a bf16 tower are never all in memory) or pytorch_model.bin
-    (weights_only: no code runs)."""
+    """Vision-tower tensors, in `dtype`, from model.safetensors (preferred; read one tensor at a time with
+    checkpoint.read_safetensors, so a full CLIPModel's text half, an fp32 copy of a bf16 tower and the file's
+    pages are never in memory) or pytorch_model.bin (weights_only: no code runs)."""
     st, binf = path / "model.safetensors", path / "pytorch_model.bin"
     if st.is_file():
-        from safetensors import safe_open
-        with safe_open(str(st), framework="pt") as f:
-            names = list(f.keys())
-            vision_only = any(k.startswith("vision_model.") for k in names)
-            sd = {k: f.get_tensor(k).to(dtype) for k in names if not vision_only or k.startswith("vision_model.")}
+        from .checkpoint import read_safetensors
+        text_half = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # a full CLIPModel's
+        sd = read_safetensors(st, dtype, keep=lambda k: not k.startswith(text_half))
     elif binf.is_file():
         sd = {k: v.to(dtype) for k, v in torch.load(binf, map_location="cpu", weights_only=True).items()}
     else:
@@ -64,26 +166,24 @@ def _read_tower_state_dict(path: Path, dtype=torch.float32):
     return sd
 
 
-def load_vision_model(path: str = DEFAULT_VISION_MODEL, device="cpu", dtype=torch.float32):
-    """A frozen, eval-mode CLIPVisionModel read strictly from a local directory, its weights in `dtype`."""
-    from transformers import CLIPVisionModel
+def load_vision_model(path: str = DEFAULT_VISION_MODEL, device="cpu", dtype=torch.float32) -> CLIPVisionTower:
+    """A frozen, eval-mode CLIP vision tower read strictly from a local directory, its weights in `dtype`."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"CLIP vision model directory {path} does not exist.\n{CLIP_DOWNLOAD_HINT}")
     cfg = _vision_config_from_dir(path)
-    with torch.device("meta"):  # no random init to overwrite: the file's tensors become the weights (one copy)
-        model = CLIPVisionModel(cfg)
+    from .checkpoint import weightless
+    with weightless():  # no random init to overwrite: the file's tensors become the weights (one copy)
+        model = CLIPVisionTower(cfg)
     sd = _read_tower_state_dict(path, dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match a CLIP vision tower.\n  missing: {sorted(missing)}\n"
-                         f"  unexpected: {sorted(unexpected)}")
-    for name, buf in list(model.named_buffers()):  # buffers that are not in the file: index tables
-        if buf.is_meta:
-            if not name.endswith("position_ids"):
-                raise ValueError(f"{path}: no value for the buffer {name}")
-            owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-            owner.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [f"{k}: file {tuple(v.shape)} vs tower {tuple(own[k].shape)}" for k, v in sd.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: weights do not match a CLIP vision tower.\n  missing: {missing}\n"
+                         f"  unexpected: {unexpected}\n  shape mismatches: {shapes}")
+    model.load_state_dict(sd, assign=True)
     model.requires_grad_(False)
     return model.eval().to(device)
 
@@ -251,7 +351,7 @@ def encode_images(vision_model, pixel_values: torch.Tensor, dtype=None) -> torch
     device = next(vision_model.parameters()).device
     pixel_values = pixel_values.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        features = vision_model(pixel_values=pixel_values).last_hidden_state
+        features = vision_model(pixel_values)
     return features.float()
 
 

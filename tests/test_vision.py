@@ -149,3 +149,27 @@ def test_cached_features_equal_fresh_ones_and_follow_the_file(tmp_path, random_t
     assert torch.allclose(again, fresh, rtol=1e-3, atol=1e-2)  # fp16 storage of fp32 features
     Image.new("RGB", (64, 64), "black").save(paths[0])  # the image changed: its entry is not used
     assert image_cache_key(paths[0]) not in cache
+
+
+def test_tower_equals_transformers_clip_at_full_size(random_tower):
+    """Our CLIPVisionTower against transformers' CLIPVisionModel on the same ViT-B/32 weights (quick_gelu, 12
+    layers, 768 wide): the last hidden state agrees to fp32 rounding."""
+    from transformers import CLIPVisionModel
+    ref = CLIPVisionModel.from_pretrained(random_tower).eval()
+    tower = load_vision_model(random_tower)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state
+    got = encode_images(tower, x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_inference_does_not_import_transformers_modeling(tmp_path, random_tower):
+    """Loading the tower leaves transformers' modeling code (about 90 MB resident) unimported."""
+    import subprocess
+    import sys
+    code = ("import sys; from model.vision import load_vision_model; load_vision_model(sys.argv[1]); "
+            "print('transformers.modeling_utils' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, random_tower], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False"
