@@ -1,7 +1,12 @@
 """Measure MiniMind-V's training and decoding speed against a naive baseline and against the hardware.
 
-  python scripts/benchmark.py                  # the 27M config (512x8); about 15 minutes on 2 CPU cores
+  python scripts/benchmark.py                  # the 27M config (512x8); about 25 minutes on 2 CPU cores
   python scripts/benchmark.py --quick          # a tiny config, about a minute: checks the machinery, not speed
+
+Sections: training (below), the model's own decoding loop, then the inference engine as users run it --
+scripts/benchmark_decode.py (one stream through ChatEngine vs upstream v1's decoding loop, side by side) and
+scripts/benchmark_serving.py (N = 1, 2, 4, 8 concurrent streaming clients of the API; peak memory of
+3-eval_chat.py and web_server.py). Each can also be run alone; --train_only skips all decoding sections.
 
 Prints a table, then one JSON object as the last line (also written to --out).
 
@@ -31,6 +36,7 @@ import multiprocessing as mp
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -390,6 +396,17 @@ def decode_naive(model, tokenizer, ids, feats, n_tokens):
     return first - t0, (n_tokens - 1) / (end - first)
 
 
+def run_script(name, argv):
+    """The JSON (last stdout line) of scripts/<name> run with argv; its tables go to stderr."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name)] + argv, cwd=ROOT,
+                       capture_output=True, text=True)
+    lines = p.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), file=sys.stderr)
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"scripts/{name} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def decode_section(spec):
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
@@ -471,6 +488,13 @@ def main(argv=None):
     if not args.train_only:
         res["decode"] = run_isolated(decode_section, dict(spec, decode_tokens=args.decode_tokens,
                                                           skip_naive=args.skip_naive))
+        # The inference engine as users run it: one stream against upstream's algorithm, then the API under
+        # N concurrent clients and the front ends' memory (each script prints its own tables to stderr here).
+        quick = ["--size", "tiny", "--tokens", "16"] if args.quick else ["--size", args.size]
+        res["engine_decode"] = run_script("benchmark_decode.py", quick + ["--repeats", "1" if args.quick else "3",
+                                                                          "--workdir", os.path.join(work, "decode")])
+        res["serving"] = run_script("benchmark_serving.py", quick + ["--workdir", os.path.join(work, "serving")] + (
+            ["--clients", "1", "2", "--samples", "2", "--skip_memory"] if args.quick else []))
         d = res["decode"]  # single-stream decoding reads every weight once per token
         d["bandwidth_bound_tokens_per_s"] = res["hardware"]["memory_gb_per_s"] * 1e9 / d["weight_bytes"]
     peak = res["hardware"]["matmul_bf16_gflops" if amp == torch.bfloat16 else "matmul_fp32_gflops"]
@@ -521,6 +545,19 @@ def print_table(res):
                     f"{d['bandwidth_bound_tokens_per_s']:.0f} tok/s"]
     if "naive_tokens_per_s" in d:
         out.append(f"naive decode: {d['naive_tokens_per_s']:.1f} tok/s (first token {d['naive_ttft_s'] * 1e3:.0f} ms)")
+    if "engine_decode" in res:
+        v = res["engine_decode"]["variants"]
+        out.append("engine, one stream: " + ", ".join(f"{k} {r['tokens_per_s']:.1f} tok/s ({r['vs_upstream']:.2f}x "
+                                                      f"upstream)" for k, r in v.items()))
+    if "serving" in res:
+        for name, srv in res["serving"]["servers"].items():
+            out.append(f"API, {name}: " + ", ".join(
+                f"N={n} {r['aggregate_tokens_per_s']:.0f} tok/s, p95 TTFT {r['ttft_p95_s'] * 1e3:.0f} ms"
+                for n, r in srv["clients"].items()))
+        for dtype, m in res["serving"].get("memory", {}).items():
+            if isinstance(m, dict):
+                out.append(f"memory ({dtype}): 3-eval_chat.py {m['eval_chat_mib']:.0f} MiB, web_server.py "
+                           f"{m['web_server_mib']:.0f} MiB")
     if "speedup" in res:
         out += ["", "speed-up over naive: " + ", ".join(f"{k} {v:.1f}x" for k, v in res["speedup"].items())]
     out.append(f"wall time {res['wall_s']:.0f}s")

@@ -10,11 +10,14 @@ with greedy decoding, from a prompt with one image's features. Variants, in the 
   upstream  upstream v1's decoding loop (scripts/benchmark.py's decode_naive): KV cache and ids grown by
             torch.cat, each piece by re-decoding the whole answer; fp32 weights
   fp32      ChatEngine.load(dtype="float32"): fp32 weights
+  fp32-1row the same with row_block=1 (CPU only): one row per step instead of 4, faster, but an answer may then
+            differ in rounding between running alone and batched
   bf16      ChatEngine.load(dtype="bfloat16"): bf16 decoder and tower weights (only where the CPU/GPU has native
             bf16; --dtype auto picks it there)
 tokens/s counts tokens after the first; each variant's median over the repeats is reported. The bound is
 the weights' bytes in the variant's dtype divided by the measured copy bandwidth: one stream reads every
-weight once per token.
+weight once per token. "products-only" times just the weight products of a token (one row through every
+matrix): the ceiling the matrix kernels themselves set.
 
 Prints a table, then one JSON object as the last line (also written to --out).
 """
@@ -79,6 +82,33 @@ def decode_upstream(engine, feats, n_tokens):
     return tps, n_tokens
 
 
+@torch.inference_mode()
+def products_tokens_per_s(model, reps=30):
+    """Tokens/s if a token cost only its weight products: F.linear of one row through every weight matrix a
+    decoding step multiplies by (fused as the engine fuses them), in order. The kernels' own ceiling, below the
+    copy-bandwidth bound: matrix-vector products do not stream memory as fast as a copy does."""
+    mats = []
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        mats += [torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), a.wo.weight]
+        if hasattr(f, "w1"):
+            mats += [torch.cat([f.w1.weight, f.w3.weight]), f.w2.weight]
+    mats.append(model.output.weight)
+    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1], dtype=w.dtype, device=w.device) for w in mats}
+
+    def token():
+        for w in mats:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+    for _ in range(3):
+        token()
+    sync(model.output.weight.device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        token()
+    sync(model.output.weight.device)
+    return reps / (time.perf_counter() - t0)
+
+
 def weight_bytes(model):
     """Bytes of the decoder's unique parameters (the tied embedding/output matrix once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -101,6 +131,8 @@ def main(argv=None):
 
     fp32 = ChatEngine.load(ckpt, tower, device=str(device), dtype="float32")
     engines = {"upstream": ChatEngine(load_vlm(ckpt, tok, device)[0], tok, fp32.vision), "fp32": fp32}
+    if fp32.row_block > 1:  # fp32 on CPU: steps padded to 4 rows for batch-independent answers; 1 row is faster
+        engines["fp32-1row"] = ChatEngine.load(ckpt, tower, device=str(device), dtype="float32", row_block=1)
     if autocast_dtype(device.type, "auto") == torch.bfloat16:
         engines["bf16"] = ChatEngine.load(ckpt, tower, device=str(device), dtype="bfloat16")
     run = {name: decode_upstream if name == "upstream" else decode_engine for name in engines}
@@ -122,17 +154,21 @@ def main(argv=None):
         tps = statistics.median(times[name])
         nbytes = weight_bytes(e.model)
         bound = bw * 1e9 / nbytes
+        products = products_tokens_per_s(e.model)
         rows[name] = {"tokens_per_s": tps, "runs": times[name], "tokens": counts[name], "vs_upstream": tps / base,
-                      "weight_bytes": nbytes, "bound_tokens_per_s": bound, "share_of_bound": tps / bound}
+                      "weight_bytes": nbytes, "bound_tokens_per_s": bound, "share_of_bound": tps / bound,
+                      "products_only_tokens_per_s": products, "share_of_products_only": tps / products}
     res = {"size": args.size, "device": str(device), "threads": torch.get_num_threads(), "new_tokens": args.tokens,
            "repeats": args.repeats, "copy_gb_per_s": bw, "variants": rows}
 
     print(f"single-stream decode, {args.size} config, {args.tokens} new tokens, {device}, "
           f"{torch.get_num_threads()} threads, copy bandwidth {bw:.1f} GB/s, median of {args.repeats}")
-    print(f"{'variant':<10} {'tok/s':>7} {'x upstream':>10} {'weights MB':>10} {'bound tok/s':>11} {'of bound':>8}")
+    print(f"{'variant':<10} {'tok/s':>7} {'x upstream':>10} {'weights MB':>10} {'bound tok/s':>11} {'of bound':>8} "
+          f"{'products-only tok/s':>19} {'of it':>6}")
     for name, r in rows.items():
         print(f"{name:<10} {r['tokens_per_s']:7.1f} {r['vs_upstream']:10.2f} {r['weight_bytes'] / 1e6:10.1f} "
-              f"{r['bound_tokens_per_s']:11.0f} {r['share_of_bound']:8.0%}")
+              f"{r['bound_tokens_per_s']:11.0f} {r['share_of_bound']:8.0%} {r['products_only_tokens_per_s']:19.0f} "
+              f"{r['share_of_products_only']:6.0%}")
     line = json.dumps(res)
     if args.out:
         with open(args.out, "w") as f:

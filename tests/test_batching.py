@@ -163,7 +163,7 @@ def test_full_waiting_line_is_refused_as_busy(make_engine):
 
 def prefilled(engine, i, max_new_tokens=40):
     r = ask(engine, i, max_new_tokens=max_new_tokens).request
-    assert engine.scheduler()._prefill(r)
+    assert engine.scheduler()._prefill([r]) == [r]
     return r
 
 
@@ -201,7 +201,7 @@ def test_fused_step_gives_the_model_forward_logits(make_engine, tokenizer):
     engine = make_engine(row_block=1)
     ids = engine.prepare([{"role": "user", "content": QUESTIONS[1]}], 0)
     r = engine.generate([{"role": "user", "content": QUESTIONS[1]}], max_new_tokens=20, temperature=0).request
-    engine.scheduler()._prefill(r)
+    engine.scheduler()._prefill([r])
     cache = KVCache(len(engine.model.layers), 1, len(ids) + 20)
     engine.model(torch.tensor([ids]), past_key_values=cache)
     for _ in range(8):
@@ -225,6 +225,65 @@ def test_bf16_batched_equals_solo(tiny_cfg, tokenizer):
                             delays=[0, 0.01, 0.03, 0.02])
     assert engine.scheduler().most_active >= 2
     assert together == alone
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16")
+@torch.inference_mode()
+def test_bf16_same_length_prompts_prefilled_together_equal_solo(tiny_cfg, tokenizer):
+    """Prompts of one length (one image each) are prefilled in one forward pass; each request's KV cache and
+    next-step logits are bit-identical to its solo prefill's (bf16 rounds rows alike)."""
+    from model.LMConfig import IMAGE_MARKER
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_cfg()).eval()
+    model.to(torch.bfloat16).init_buffers()
+    engine = ChatEngine(model, tokenizer, None)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 50, 768, generator=g) for _ in range(4)]
+
+    def req(k):  # one length: question k differs in one digit
+        messages = [{"role": "user", "content": f"{IMAGE_MARKER}\nWhat is in picture {k + 1}?"}]
+        return engine.generate(messages, feats[k], max_new_tokens=20, temperature=0, top_p=None).request
+    sched = engine.scheduler()
+    alone = [req(k) for k in range(4)]
+    for r in alone:
+        assert sched._prefill([r]) == [r]
+    together = [req(k) for k in range(4)]
+    groups = sched._prefill_groups(together)
+    assert [len(grp) for grp in groups] == [4]
+    assert sched._prefill(groups[0]) == together
+    T = alone[0].cache.length  # the prompt (n is one past it: the first answer token)
+    for a, b in zip(alone, together):
+        assert b.cache.length == T and b.n == a.n == T + 1
+        assert torch.equal(a.cache.k[:, :, :T], b.cache.k[:, :, :T]) and torch.equal(a.cache.v[:, :, :T], b.cache.v[:, :, :T])
+        assert torch.equal(a.ids[:, :T + 1], b.ids[:, :T + 1])  # the same first token
+    assert not torch.equal(alone[0].cache.k, alone[1].cache.k)  # the rows really differ
+    assert torch.equal(sched.step_logits(alone), sched.step_logits(together))
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16")
+def test_bf16_concurrent_encodes_share_one_batch(tiny_cfg, tokenizer, random_tower):
+    """Images of requests that arrive together are encoded in one batch, each equal to its solo encoding."""
+    from PIL import Image
+    from model.vision import load_vision_model
+    vision = load_vision_model(random_tower, dtype=torch.bfloat16)
+    engine = ChatEngine(MiniMindVLM(tiny_cfg()).to(torch.bfloat16).eval(), tokenizer, vision, torch.bfloat16)
+    images = [Image.new("RGB", (64 + 8 * k, 64), (40 * k, 200 - 30 * k, 90)) for k in range(4)]
+    alone = [engine.encode([im]) for im in images]
+    batches = []
+    original = engine.vision.forward
+    engine.vision.forward = lambda pixels: batches.append(len(pixels)) or original(pixels)
+    out = [None] * 4
+    threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, engine.encode([images[k]]))) for k in range(4)]
+    with engine.lock:  # held, as by a decoding step: the four calls queue up meanwhile
+        for t in threads:
+            t.start()
+        deadline = time.time() + 10
+        while len(engine._encode_queue) < 4 and time.time() < deadline:
+            time.sleep(0.001)
+    for t in threads:
+        t.join(30)
+    assert batches == [4]
+    assert all(torch.equal(a, b) for a, b in zip(alone, out))
 
 
 # -- through the OpenAI-compatible API: real HTTP, a server in this process ---------------------------------

@@ -1,5 +1,5 @@
 """scripts/benchmark.py --quick runs end to end (data, tower, every training mode in its own process,
-decoding) and its JSON has every field; length-grouped batches pad less than 30%, while the naive mode pads
+decoding, the engine's decode and serving sections) and its JSON has every field; length-grouped batches pad less than 30%, while the naive mode pads
 pretraining captions to upstream's 200 tokens. (The numbers themselves are for BENCHMARKS.md; no test asserts a speed.)
 """
 import json
@@ -37,3 +37,11 @@ def test_quick_benchmark_reports_every_field(tmp_path):
             "sft_later_epochs", "sft_19_epochs", "decode", "decode_batch8_vs_naive_single",
             "encoder_batched_vs_per_image"} == set(res["speedup"])
     assert all(v > 0 for v in res["speedup"].values())
+    # the engine sections: one stream against upstream's loop, and the API under 1 and 2 concurrent clients
+    assert {"upstream", "fp32"} <= set(res["engine_decode"]["variants"])
+    assert all(v["tokens_per_s"] > 0 for v in res["engine_decode"]["variants"].values())
+    for server in ("batched", "one-at-a-time"):
+        clients = res["serving"]["servers"][server]["clients"]
+        assert set(clients) == {"1", "2"}
+        assert all(c["aggregate_tokens_per_s"] > 0 and 0 < c["ttft_p50_s"] <= c["ttft_p95_s"] for c in clients.values())
+    assert "API, batched: N=1" in p.stdout
