@@ -95,20 +95,13 @@ def run_batch(args, engine):
         for p in problems:
             skip(fout, p)
         for start in tqdm(range(0, len(good), args.batch_size), desc="evaluating", unit="batch"):
-            chunk, prompts, feats, refs = [], [], [], []
+            chunk, prompts, refs, n_images, pixels, keys = [], [], [], [], [], []
             for e in good[start:start + args.batch_size]:
                 messages = conversation_to_messages(e.record)
                 paths = image_paths(e.record, args.images_dir)
                 try:
                     ids = engine.prepare(messages[:-1], len(paths))
-                    if not paths:
-                        f = None
-                    elif grey is not None:
-                        f = grey.expand(len(paths), -1, -1)
-                    else:
-                        pixels = torch.stack([load_image(p, args.max_image_pixels) for p in paths])
-                        keys = [image_cache_key(p) for p in paths] if cache is not None else None
-                        f = engine.image_features(pixels, keys, cache)
+                    record_pixels = [] if grey is not None else [load_image(p, args.max_image_pixels) for p in paths]
                 except PromptTooLong as err:
                     problem = Problem("too_long", args.data_path, e.line, e.id, f"the prompt is {err.n_tokens} tokens "
                                       f"(50 per image); the model reads at most {err.limit} before answering")
@@ -125,8 +118,11 @@ def run_batch(args, engine):
                     continue
                 chunk.append(e)
                 prompts.append(ids)
-                feats.append(f)
                 refs.append(messages[-1]["content"].strip())
+                n_images.append(len(paths))
+                pixels += record_pixels
+                keys += [image_cache_key(p) for p in paths] if cache is not None and grey is None else []
+            feats = chunk_features(engine, n_images, pixels, keys or None, cache, grey)
             answers = engine.answer_batch(prompts, feats, seed=args.seed + start, **sampling(args, True)) if chunk else []
             for e, ref, ans in zip(chunk, refs, answers):
                 hit, has = ans == ref, ref.lower() in ans.lower()
@@ -142,6 +138,16 @@ def run_batch(args, engine):
               file=sys.stderr)
     print(json.dumps({"n": n, "exact": round(exact / max(n, 1), 4), "contains": round(contains / max(n, 1), 4),
                       "skipped": len(skipped)}))
+
+
+def chunk_features(engine, n_images, pixels, keys, cache, grey):
+    """Each record's (n_i, 50, 768) features, or None without images: the grey image's under --control blank,
+    else the chunk's images encoded in one batch (through the feature cache when given)."""
+    if grey is not None:
+        return [grey.expand(n, -1, -1) if n else None for n in n_images]
+    feats = engine.image_features(torch.stack(pixels), keys, cache).split([n for n in n_images if n]) if pixels else []
+    feats = iter(feats)
+    return [next(feats) if n else None for n in n_images]
 
 
 def image_features_of(engine, path, control, max_pixels):

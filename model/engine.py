@@ -5,15 +5,16 @@ conversations. 3-eval_chat.py, web_server.py, serve_openai_api.py and the export
   conversation  -> prompt ids          ChatEngine.prepare (model/tokenizer.py's chat format, checked)
   images        -> image features      ChatEngine.encode / image_features (through a feature cache if given)
   one answer, streamed                 ChatEngine.generate -> Generation (text pieces as they are decoded)
-  many answers at once                 ChatEngine.answer_batch (left-padded batch, greedy or sampled)
+  many answers at once                 ChatEngine.answer_batch (all through the scheduler, greedy or sampled)
 
 Many users, one model (continuous batching): every request keeps its own conversation, image features, KV
 cache, sampling settings and seeded random generator. One scheduler thread (Scheduler, started on the first
 answer) runs ONE forward pass per step over every active request: a new request's prompt is prefilled between
-two steps and it joins the next one; a finished request (EOS, max tokens) or a cancelled one (its consumer
-closed the Generation: client gone, stop pressed) leaves at once and frees its slot. At most `max_batch`
-requests decode together; later ones wait in arrival order, and beyond `max_waiting` waiting ones
-ChatEngine.generate refuses with Busy (the API's 429).
+two steps and it joins the next one; a finished request (EOS, max tokens) or a cancelled one
+(Generation.cancel: client gone, stop pressed) leaves at once and frees its slot. At most `max_batch` requests
+decode together; later ones wait in arrival order, and beyond `max_waiting` waiting ones ChatEngine.generate
+refuses with Busy (the API's 429). Requests that arrive together also share their images' encoding (one
+batch) and, for prompts of one length, their prefill (one pass), where that changes no result (see below).
 
 A decoding step (Scheduler.decode_step) runs the weight matmuls on the stacked rows' one new token each, with
 q/k/v and w1/w3 fused into single products (fuse_projections: the parameters become views of the fused
@@ -25,8 +26,9 @@ of rows, but MKL's fp32 products do not (one row takes a matrix-vector kernel; t
 computed alike, the remainder by an edge kernel). So with fp32 weights on CPU a step pads its batch to a
 multiple of row_block = 4 rows: a request's greedy answer (and its seeded sampled one) is then bit-identical
 however many others run beside it and whenever they join (tests/test_batching.py). The price is a slower
-single fp32 stream (4 rows cost ~1.4x one); row_block=1 trades the equality for that speed. MoE experts see a
-varying number of rows, so with use_moe answers are equal only up to rounding; on CUDA this is not checked.
+single fp32 stream (4 rows cost ~1.4x one); row_block=1 trades the equality for that speed. The shared image
+batches and prefills are used only where rows round alike (row_block 1). MoE experts see a varying number of
+rows, so with use_moe answers are equal only up to rounding; on CUDA this is not checked.
 """
 import collections
 import io
@@ -227,8 +229,8 @@ class ChatEngine:
     def load(cls, ckpt, vision_model=DEFAULT_VISION_MODEL, tokenizer=DEFAULT_TOKENIZER, device=None, dtype="auto",
              **batching):
         """From a checkpoint (.safetensors/.pth/stem/export directory), a CLIP directory and a tokenizer
-        directory (batching: max_batch, max_waiting, row_block). Missing or mismatched files raise FileNotFoundError or
-        ValueError naming them."""
+        directory (batching: max_batch, max_waiting, row_block). Missing or mismatched files raise
+        FileNotFoundError or ValueError naming them."""
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)

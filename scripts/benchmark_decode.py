@@ -9,6 +9,7 @@ A seeded random model of the chosen config is saved as a checkpoint and loaded t
 with greedy decoding, from a prompt with one image's features. Variants, in the same process, alternated:
   upstream  upstream v1's decoding loop (scripts/benchmark.py's decode_naive): KV cache and ids grown by
             torch.cat, each piece by re-decoding the whole answer; fp32 weights
+  upstream-own  (--upstream_dir) upstream v1's own Transformer.generate from that checkout, same weights
   fp32      ChatEngine.load(dtype="float32"): fp32 weights
   fp32-1row the same with row_block=1 (CPU only): one row per step instead of 4, faster, but an answer may then
             differ in rounding between running alone and batched
@@ -36,7 +37,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from benchmark import SIZES, decode_naive, memory_bandwidth  # noqa: E402
-from model.checkpoint import load_vlm, save_checkpoint  # noqa: E402
+from model.checkpoint import load_vlm, read_safetensors, save_checkpoint  # noqa: E402
 from model.cli import HelpFormatter, default_device  # noqa: E402
 from model.engine import ChatEngine  # noqa: E402
 from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
@@ -55,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default=default_device(), help="device")
     p.add_argument("--workdir", help="checkpoint and random tower (default: a new temporary directory)")
+    p.add_argument("--upstream_dir", help="an unmodified upstream v1 checkout (git clone "
+                   "https://github.com/jingyaogong/minimind-v; git checkout b671c1a): its own model/model.py "
+                   "Transformer.generate is timed too, on the same weights")
     p.add_argument("--out", help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -109,6 +113,46 @@ def products_tokens_per_s(model, reps=30):
     return reps / (time.perf_counter() - t0)
 
 
+def load_upstream_model(upstream_dir, ckpt, cfg):
+    """Upstream v1's own Transformer (from upstream_dir/model/, imported as the package `upstream_v1`, unchanged)
+    holding the checkpoint's weights: the parameter names are the same, so they load with strict=True."""
+    import importlib.util
+    import types
+    pkg = types.ModuleType("upstream_v1")
+    pkg.__path__ = [os.path.join(upstream_dir, "model")]
+    sys.modules["upstream_v1"] = pkg
+    for name in ("LMConfig", "model"):  # model.py imports .LMConfig
+        path = os.path.join(upstream_dir, "model", f"{name}.py")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--upstream_dir: {path} not found (an upstream v1 checkout has model/{name}.py)")
+        spec = importlib.util.spec_from_file_location(f"upstream_v1.{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    ucfg = sys.modules["upstream_v1.LMConfig"].LMConfig(
+        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len, image_ids=list(cfg.image_ids))
+    model = sys.modules["upstream_v1.model"].Transformer(ucfg).eval()
+    model.load_state_dict(read_safetensors(ckpt), strict=True)
+    return model
+
+
+def decode_upstream_own(model, tokenizer, prompt_ids, feats, n_tokens):
+    """Upstream v1's own generate, streamed as its 3-eval_chat.py streams it: greedy, the answer so far
+    decoded whole after every token."""
+    ids = torch.tensor([prompt_ids])
+    steps = model.generate(ids, tokenizer.eos_token_id, ids.shape[1] + n_tokens + 1, temperature=0.0,
+                           image_encoders=feats)
+    first, n = None, 0
+    for y in steps:
+        tokenizer.decode(y[0].tolist())
+        n = y.shape[1]
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (n - 1) / (end - first), n
+
+
 def weight_bytes(model):
     """Bytes of the decoder's unique parameters (the tied embedding/output matrix once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -136,6 +180,11 @@ def main(argv=None):
     if autocast_dtype(device.type, "auto") == torch.bfloat16:
         engines["bf16"] = ChatEngine.load(ckpt, tower, device=str(device), dtype="bfloat16")
     run = {name: decode_upstream if name == "upstream" else decode_engine for name in engines}
+    if args.upstream_dir:  # upstream's own code, on the same weights and prompt
+        own = load_upstream_model(args.upstream_dir, ckpt, cfg)
+        prompt = fp32.prepare(MESSAGES, 1)
+        engines["upstream-own"] = own
+        run["upstream-own"] = lambda m, f, n: decode_upstream_own(m, tok, prompt, f, n)
     feats = torch.randn(1, 50, 768, generator=torch.Generator().manual_seed(0))
 
     for name, e in engines.items():  # warm-up
@@ -152,9 +201,10 @@ def main(argv=None):
     base = statistics.median(times["upstream"])
     for name, e in engines.items():
         tps = statistics.median(times[name])
-        nbytes = weight_bytes(e.model)
+        model = getattr(e, "model", e)  # an engine, or upstream's own model
+        nbytes = weight_bytes(model)
         bound = bw * 1e9 / nbytes
-        products = products_tokens_per_s(e.model)
+        products = products_tokens_per_s(model)
         rows[name] = {"tokens_per_s": tps, "runs": times[name], "tokens": counts[name], "vs_upstream": tps / base,
                       "weight_bytes": nbytes, "bound_tokens_per_s": bound, "share_of_bound": tps / bound,
                       "products_only_tokens_per_s": products, "share_of_products_only": tps / products}
