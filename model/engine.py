@@ -35,6 +35,7 @@ import io
 import queue
 import secrets
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -399,7 +400,7 @@ class Scheduler:
     decoding step over every active request. Requests that finished or were cancelled leave between steps."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self._engine = weakref.ref(engine)  # the thread ends once its engine is gone (see _loop)
         self.cond = threading.Condition()
         self.waiting = collections.deque()
         self.active = []
@@ -424,11 +425,17 @@ class Scheduler:
             return {"active": sum(not r.cancelled for r in self.active),
                     "waiting": sum(not r.cancelled for r in self.waiting)}
 
+    @property
+    def engine(self):
+        return self._engine()
+
     def _loop(self):
         while True:
             with self.cond:
                 while not self.active and not self.waiting:
-                    self.cond.wait()
+                    if self.engine is None:  # nothing can submit any more
+                        return
+                    self.cond.wait(timeout=1.0)
                 admitted = []
                 while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
                     r = self.waiting.popleft()

@@ -62,7 +62,9 @@ class MiniMindVForCausalLM(PreTrainedModel):
             path = self.config.vision_model
             if not os.path.isabs(path) and getattr(self, "_export_dir", None):
                 path = os.path.join(self._export_dir, path)
-            self._vision = load_vision_model(path, self.model.output.weight.device)
+            # Kept outside nn.Module's registry: the tower is not part of this model's weights (save_pretrained
+            # would otherwise write it into model.safetensors).
+            self.__dict__["_vision"] = load_vision_model(path, self.model.output.weight.device)
         return self._vision
 
     @torch.no_grad()
@@ -91,7 +93,9 @@ class MiniMindVForCausalLM(PreTrainedModel):
              **kwargs) -> str:
         """One answer about one PIL image (greedy unless temperature is given); other settings (top_k,
         repetition_penalty, seed) as ChatEngine.generate takes them."""
-        engine = ChatEngine(self.model, tokenizer, self.vision_tower())
+        if getattr(self, "_engine", None) is None or self._engine.tokenizer is not tokenizer:
+            self._engine = ChatEngine(self.model, tokenizer, self.vision_tower())
+        engine = self._engine
         content = question if IMAGE_MARKER in question else f"{IMAGE_MARKER}\n{question}"
         answer = engine.generate([{"role": "user", "content": content}], engine.encode([image]),
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, **kwargs)

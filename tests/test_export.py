@@ -38,6 +38,27 @@ def test_auto_classes_load_the_export_exactly(exported, served_model, tokenizer)
         assert model.chat(hf_tokenizer, colour_image(rgb, seed=9), QUESTION) == name
 
 
+def test_save_pretrained_after_chat_writes_only_the_model(exported, tmp_path):
+    """chat() loads the CLIP tower and an engine once; neither ends up in the saved weights, and the fused
+    projections (views) save and load back exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import safe_open
+    model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(exported), trust_remote_code=True)
+    image = colour_image(COLOURS["red"], seed=3)
+    assert model.chat(hf_tokenizer, image, QUESTION) == model.chat(hf_tokenizer, image, QUESTION) == "red"
+    engine = model._engine
+    model.chat(hf_tokenizer, image, QUESTION)
+    assert model._engine is engine  # one engine (and one scheduler thread) for every chat
+    model.save_pretrained(tmp_path / "again")
+    with safe_open(str(tmp_path / "again" / "model.safetensors"), "pt") as f, \
+            safe_open(str(exported / "model.safetensors"), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again"), trust_remote_code=True)
+    ids = torch.randint(3, 6400, (1, 20))
+    assert torch.equal(again(ids).logits, model(ids).logits)
+
+
 def test_generate_with_images_matches_the_repository_model(exported, served_model, tokenizer, random_tower):
     from transformers import AutoModelForCausalLM
     from model.tokenizer import build_prompt
