@@ -396,6 +396,15 @@ def decode_naive(model, tokenizer, ids, feats, n_tokens):
     return first - t0, (n_tokens - 1) / (end - first)
 
 
+def print_json(res, out=None):
+    """The result as one JSON line, last on stdout (what run_script and the tests read), and in `out` if given."""
+    line = json.dumps(res)
+    if out:
+        with open(out, "w") as f:
+            f.write(line + "\n")
+    print(line)
+
+
 def run_script(name, argv):
     """The JSON (last stdout line) of scripts/<name> run with argv; its tables go to stderr."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name)] + argv, cwd=ROOT,

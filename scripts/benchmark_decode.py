@@ -23,7 +23,6 @@ matrix): the ceiling the matrix kernels themselves set.
 Prints a table, then one JSON object as the last line (also written to --out).
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from benchmark import SIZES, decode_naive, memory_bandwidth  # noqa: E402
+from benchmark import SIZES, decode_naive, memory_bandwidth, print_json  # noqa: E402
 from model.checkpoint import load_vlm, read_safetensors, save_checkpoint  # noqa: E402
 from model.cli import HelpFormatter, default_device  # noqa: E402
 from model.engine import ChatEngine  # noqa: E402
@@ -219,11 +218,7 @@ def main(argv=None):
         print(f"{name:<10} {r['tokens_per_s']:7.1f} {r['vs_upstream']:10.2f} {r['weight_bytes'] / 1e6:10.1f} "
               f"{r['bound_tokens_per_s']:11.0f} {r['share_of_bound']:8.0%} {r['products_only_tokens_per_s']:19.0f} "
               f"{r['share_of_products_only']:6.0%}")
-    line = json.dumps(res)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    print_json(res, args.out)
 
 
 if __name__ == "__main__":

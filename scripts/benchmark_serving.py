@@ -25,7 +25,6 @@ Prints tables, then one JSON object as the last line (also written to --out).
 import argparse
 import base64
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from benchmark import SIZES  # noqa: E402
+from benchmark import SIZES, print_json  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
 from model.LMConfig import LMConfig  # noqa: E402
@@ -273,11 +272,7 @@ def main(argv=None):
             print(f"{name:<14} {n:>2} {r['aggregate_tokens_per_s']:15.1f} {r['aggregate_vs_first']:6.2f} "
                   f"{r['per_client_tokens_per_s']:10.1f} {r['ttft_p50_s'] * 1e3:7.0f}ms {r['ttft_p95_s'] * 1e3:7.0f}ms "
                   f"{r['ttft_p95_vs_first']:6.2f}")
-    line = json.dumps(res)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    print_json(res, args.out)
 
 
 if __name__ == "__main__":
