@@ -3,16 +3,18 @@
   python export_model.py --ckpt out/512_vlm_sft --out export/minimind-v-512
   python export_model.py --ckpt out/512_vlm_sft.pth --out export/minimind-v-512 --copy_vision
 
-The directory holds config.json, model.safetensors, the tokenizer files, the modeling code (registered for
-AutoConfig / AutoModelForCausalLM through config.json's auto_map) and the CLIP tower: a copy (--copy_vision)
-or its path. Use it like this:
+The directory holds config.json, generation_config.json (the chat sampling defaults), model.safetensors (the
+decoder under upstream's parameter names, prefixed `model.`), the tokenizer files, the modeling code
+(registered for AutoConfig / AutoModelForCausalLM through config.json's auto_map) and the CLIP tower: a copy
+(--copy_vision) or its path. Use it like this:
 
   from transformers import AutoModelForCausalLM, AutoTokenizer
   from PIL import Image
   model = AutoModelForCausalLM.from_pretrained("export/minimind-v-512", trust_remote_code=True)
   tokenizer = AutoTokenizer.from_pretrained("export/minimind-v-512")
   print(model.chat(tokenizer, Image.open("cat.jpg"), "What is in the image?"))
-  # or model.generate(input_ids, images=[Image.open("cat.jpg")], max_new_tokens=64) with the placeholder in input_ids
+  # or transformers' own generate, with the placeholder in input_ids and the image as CLIP pixel_values:
+  #   model.generate(input_ids, pixel_values=model.preprocess_images([image]), max_new_tokens=64, do_sample=False)
 
 Every script that takes --ckpt (training's --init_from too) also takes such a directory.
 """
@@ -22,6 +24,8 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+from transformers import GenerationConfig
 
 from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
 from model.cli import HelpFormatter, add_model_args
@@ -67,6 +71,10 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
         "source_checkpoint": str(ckpt),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    # the stock generate's defaults: the chat settings the repository's engine uses
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.65, top_p=0.85,
+                     max_new_tokens=256).save_pretrained(out)
     save_weights({f"model.{k}": v for k, v in model.state_dict().items()}, out / "model.safetensors")
     return out
 

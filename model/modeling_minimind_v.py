@@ -3,15 +3,19 @@ itself) into an exported directory, so that
 
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 
-builds the same MiniMindVLM (as `model.model`) with the same weights. `generate` takes PIL images (encoded
-by the CLIP tower the export points to) or ready `image_features`; `chat` wraps prompt building and
-decoding for one question about one image, through the repository's one inference engine (engine.py).
+builds the same MiniMindVLM (as `model.model`) with the same weights. It is a transformers causal LM:
+`forward` takes `pixel_values` (CLIP-preprocessed, encoded by the tower the export points to) or ready
+`image_features`, and a transformers Cache, so transformers' own `generate` works (greedy, sampling, beam search,
+streamers, generation_config.json's defaults) and returns prompt + answer. `chat` answers one question about
+one PIL image through the repository's one inference engine (engine.py).
 """
 import os
 from typing import Optional
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .engine import ChatEngine
 from .LMConfig import IMAGE_MARKER, LMConfig
@@ -23,14 +27,35 @@ class MiniMindVConfig(PretrainedConfig):
     """LMConfig's fields as a transformers config, plus where the CLIP tower is."""
     model_type = "minimind_v"
 
-    def __init__(self, lm_config: Optional[dict] = None, vision_model: str = "", **kwargs):
+    def __init__(self, lm_config: Optional[dict] = None, vision_model: str = "", use_cache: bool = True, **kwargs):
         kwargs.setdefault("tie_word_embeddings", False)  # MiniMindVLM ties its own embedding and output
         super().__init__(**kwargs)
+        self.use_cache = use_cache
         self.lm_config = dict(lm_config or {})
         self.vision_model = vision_model
+        # transformers' names for the sizes its generation utilities (caches) read
+        lm = LMConfig.from_dict(self.lm_config) if self.lm_config else LMConfig()
+        self.hidden_size, self.num_hidden_layers, self.vocab_size = lm.dim, lm.n_layers, lm.vocab_size
+        self.num_attention_heads, self.num_key_value_heads = lm.n_heads, lm.n_kv_heads
+        self.max_position_embeddings = lm.max_seq_len
 
 
-class MiniMindVForCausalLM(PreTrainedModel):
+class CacheView:
+    """A transformers Cache (what the stock `generate` creates, and reorders for beam search) seen through
+    model.py's KVCache interface: update(layer, k, v) with (B, T, H, D) tensors, `length`, advance(n)."""
+
+    def __init__(self, cache):
+        self.cache, self.length = cache, cache.get_seq_length()
+
+    def update(self, layer, k, v):
+        k, v = self.cache.update(k.transpose(1, 2), v.transpose(1, 2), layer)  # transformers: (B, H, T, D)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def advance(self, n):
+        self.length += n
+
+
+class MiniMindVForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MiniMindVConfig
     base_model_prefix = "model"
     _no_split_modules = ["MiniMindBlock"]
@@ -51,8 +76,27 @@ class MiniMindVForCausalLM(PreTrainedModel):
     def _init_weights(self, module):
         pass  # every parameter comes from model.safetensors
 
-    def forward(self, input_ids, image_features=None, labels=None, attention_mask=None, **kwargs):
-        return self.model(input_ids, image_features, labels=labels, attention_mask=attention_mask)
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, pixel_values=None, image_features=None,
+                labels=None, use_cache=None, **kwargs):
+        """transformers' causal-LM forward: the images as `pixel_values` (one (3, 224, 224) image per row, CLIP
+        preprocessing) or as ready `image_features` (one (50, 768) block per row, or a list per row); a
+        transformers Cache in `past_key_values` (created when use_cache and none is given)."""
+        if pixel_values is not None and image_features is None:
+            image_features = encode_images(self.vision_tower(), pixel_values)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        cache = None if past_key_values is None else CacheView(past_key_values)
+        out = self.model(input_ids, image_features, labels=labels, attention_mask=attention_mask, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=past_key_values)
+
+    def prepare_inputs_for_generation(self, *args, image_features=None, is_first_iteration=False, **kwargs):
+        """The stock one, and image_features only with the prompt (pixel_values are dropped after it by
+        transformers itself): later steps feed one token and the cache."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs["image_features"] = image_features
+        return inputs
 
     # -- images ---------------------------------------------------------------------------------------
 
@@ -67,27 +111,17 @@ class MiniMindVForCausalLM(PreTrainedModel):
             self.__dict__["_vision"] = load_vision_model(path, self.model.output.weight.device)
         return self._vision
 
+    @staticmethod
+    def preprocess_images(images) -> torch.Tensor:
+        """(n, 3, 224, 224) pixel_values for a list of PIL images (CLIP's preprocessing)."""
+        return pixels_of(images)
+
     @torch.no_grad()
     def encode_images(self, images):
         """(n, 50, 768) features for a list of PIL images."""
         return encode_images(self.vision_tower(), pixels_of(images))
 
-    # -- generation -----------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def generate(self, input_ids, images=None, image_features=None, attention_mask=None, max_new_tokens=128,
-                 temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, eos_token_id=None,
-                 generator=None):
-        """New token ids, (batch, n_new), as MiniMindVLM.generate. Each row's prompt holds one 50-token
-        placeholder per image; give the images (a list per row, or one image per row) or their features."""
-        if images is not None:
-            rows = [im if isinstance(im, (list, tuple)) else [im] for im in images]
-            image_features = [self.encode_images(r) if r else None for r in rows]
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        return self.model.generate(input_ids, image_features, attention_mask=attention_mask,
-                                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   repetition_penalty=repetition_penalty, eos_token_id=2 if eos is None else eos,
-                                   generator=generator)
+    # -- generation: transformers' own generate (GenerationMixin) over forward above ---------------------
 
     def chat(self, tokenizer, image, question: str, max_new_tokens=128, temperature=0.0, top_p=None,
              **kwargs) -> str:

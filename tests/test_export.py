@@ -59,17 +59,38 @@ def test_save_pretrained_after_chat_writes_only_the_model(exported, tmp_path):
     assert torch.equal(again(ids).logits, model(ids).logits)
 
 
-def test_generate_with_images_matches_the_repository_model(exported, served_model, tokenizer, random_tower):
-    from transformers import AutoModelForCausalLM
+def prompt_ids(tokenizer, question=QUESTION):
     from model.tokenizer import build_prompt
+    prompt = build_prompt([{"role": "user", "content": f"<image>\n{question}"}])
+    return torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+
+
+def test_stock_generate_matches_the_engine(exported, served_model, tokenizer, random_tower):
+    """transformers' own generate (GenerationMixin) on pixel_values: prompt + answer, the answer token for token
+    the engine's greedy one; image_features work the same; sampling with a seed repeats; beam search and a
+    streamer run."""
+    from transformers import AutoModelForCausalLM, TextIteratorStreamer
     model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
-    prompt = build_prompt([{"role": "user", "content": f"<image>\n{QUESTION}"}])
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+    ids = prompt_ids(tokenizer)
     image = colour_image(COLOURS["blue"], seed=4)
-    out = model.generate(ids, images=[image], max_new_tokens=3, eos_token_id=tokenizer.eos_token_id)
+    out = model.generate(ids, pixel_values=model.preprocess_images([image]), max_new_tokens=5, do_sample=False)
+    assert torch.equal(out[:, :ids.shape[1]], ids)  # transformers' convention: the prompt comes back too
     engine = ChatEngine.load(served_model[0], str(random_tower), device="cpu", dtype="float32")
     feats = engine.encode([image])
-    assert torch.equal(out, engine.model.generate(ids, [feats], max_new_tokens=3, eos_token_id=tokenizer.eos_token_id))
+    want = engine.model.generate(ids, [feats], max_new_tokens=5, eos_token_id=tokenizer.eos_token_id)[0].tolist()
+    assert out[0, ids.shape[1]:].tolist() == want[:len(out[0]) - ids.shape[1]]
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "blue"
+    assert torch.equal(model.generate(ids, image_features=feats, max_new_tokens=5, do_sample=False), out)
+
+    def sampled(seed):
+        torch.manual_seed(seed)
+        return model.generate(ids, image_features=feats, max_new_tokens=8, do_sample=True, temperature=1.5, top_k=50)
+    assert torch.equal(sampled(3), sampled(3))
+    beams = model.generate(ids, image_features=feats, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert beams.shape[0] == 1 and beams.shape[1] > ids.shape[1]
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    model.generate(ids, image_features=feats, max_new_tokens=5, do_sample=False, streamer=streamer)
+    assert "".join(streamer).strip() == "blue"
 
 
 def test_scripts_take_the_export_directory(exported, served_model, random_tower, tmp_path):
