@@ -28,6 +28,7 @@ from pathlib import Path
 from transformers import GenerationConfig
 
 from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
+from model.processing_minimind_v import MiniMindVProcessor
 from model.cli import HelpFormatter, add_model_args
 from model.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from model.vision import DEFAULT_VISION_MODEL
@@ -54,6 +55,12 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
     for code in MODEL_DIR.glob("*.py"):  # model/ imports nothing outside itself: it ships as it is
         shutil.copyfile(code, out / code.name)
     tokenizer.save_pretrained(out)
+    MiniMindVProcessor(tokenizer).save_pretrained(out)
+    processor_config = out / "processor_config.json"  # AutoProcessor finds the class through auto_map
+    entries = json.loads(processor_config.read_text()) if processor_config.is_file() else {}
+    entries.update(processor_class="MiniMindVProcessor",
+                   auto_map={"AutoProcessor": "processing_minimind_v.MiniMindVProcessor"})
+    processor_config.write_text(json.dumps(entries, indent=2, ensure_ascii=False))
     if copy_vision:
         shutil.copytree(vision_model, out / "vision", dirs_exist_ok=True)
         vision_ref = "vision"
@@ -63,7 +70,8 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
         "model_type": "minimind_v",
         "architectures": ["MiniMindVForCausalLM"],
         "auto_map": {"AutoConfig": "modeling_minimind_v.MiniMindVConfig",
-                     "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM"},
+                     "AutoModelForCausalLM": "modeling_minimind_v.MiniMindVForCausalLM",
+                     "AutoModelForImageTextToText": "modeling_minimind_v.MiniMindVForCausalLM"},
         "lm_config": cfg.to_dict(),
         "vision_model": vision_ref,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

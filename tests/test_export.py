@@ -1,8 +1,8 @@
 """export_model.py: a directory that transformers' Auto classes load (trust_remote_code).
 
-AutoModelForCausalLM.from_pretrained on it gives exactly the checkpoint's logits, and its chat and generate
-answer about an image (the colour of red, green and blue pictures) token for token as the repository's model
-does. The servers' engine, 3-eval_chat.py and training's --init_from take the exported directory; a missing
+AutoModelForCausalLM.from_pretrained on it gives exactly the checkpoint's logits; its chat, transformers' own
+generate (greedy, sampling, beams, streamers), AutoProcessor and the image-text-to-text pipeline answer about
+an image (the colour of red, green and blue pictures) token for token as the repository's engine does. The servers' engine, 3-eval_chat.py and training's --init_from take the exported directory; a missing
 checkpoint is a one-line error.
 """
 import subprocess
@@ -91,6 +91,28 @@ def test_stock_generate_matches_the_engine(exported, served_model, tokenizer, ra
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.generate(ids, image_features=feats, max_new_tokens=5, do_sample=False, streamer=streamer)
     assert "".join(streamer).strip() == "blue"
+
+
+def test_processor_and_pipeline(exported, tokenizer):
+    """AutoProcessor: the chat template with an image part gives the project's prompt ids, and pixel_values
+    the project's preprocessing; generate(**inputs) answers; pipeline("image-text-to-text") answers a chat."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+    from model.vision import pixels_of
+    processor = AutoProcessor.from_pretrained(str(exported), trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(str(exported), trust_remote_code=True)
+    image = colour_image(COLOURS["green"], seed=5)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor(images=[image], text=processor.apply_chat_template(messages), return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], prompt_ids(tokenizer))
+    assert torch.equal(inputs["pixel_values"], pixels_of([image]))
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == "green"
+
+    pipe = pipeline("image-text-to-text", model=str(exported), trust_remote_code=True)
+    chat = [{"role": "user", "content": [{"type": "image", "image": colour_image(COLOURS["red"], seed=6)},
+                                         {"type": "text", "text": QUESTION}]}]
+    reply = pipe(text=chat, max_new_tokens=5, do_sample=False)
+    assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": "red"}
 
 
 def test_scripts_take_the_export_directory(exported, served_model, random_tower, tmp_path):
