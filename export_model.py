@@ -4,19 +4,22 @@
   python export_model.py --ckpt out/512_vlm_sft.pth --out export/minimind-v-512 --copy_vision
 
 The directory holds config.json, generation_config.json (the chat sampling defaults), model.safetensors (the
-decoder under upstream's parameter names, prefixed `model.`), the tokenizer files, the modeling code
-(registered for AutoConfig / AutoModelForCausalLM through config.json's auto_map) and the CLIP tower: a copy
-(--copy_vision) or its path. Use it like this:
+decoder under upstream's parameter names, prefixed `model.`), the tokenizer, a processor (processor_config.json,
+chat template), the modeling code (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText and
+AutoProcessor through auto_map), a model card (README.md) and the CLIP tower: a copy (--copy_vision) or its
+path. Use it like this (the model card has the full snippet):
 
-  from transformers import AutoModelForCausalLM, AutoTokenizer
-  from PIL import Image
   model = AutoModelForCausalLM.from_pretrained("export/minimind-v-512", trust_remote_code=True)
-  tokenizer = AutoTokenizer.from_pretrained("export/minimind-v-512")
-  print(model.chat(tokenizer, Image.open("cat.jpg"), "What is in the image?"))
-  # or transformers' own generate, with the placeholder in input_ids and the image as CLIP pixel_values:
-  #   model.generate(input_ids, pixel_values=model.preprocess_images([image]), max_new_tokens=64, do_sample=False)
+  processor = AutoProcessor.from_pretrained("export/minimind-v-512", trust_remote_code=True)
+  inputs = processor(images=[image], text=processor.apply_chat_template(messages), return_tensors="pt")
+  model.generate(**inputs, max_new_tokens=64, do_sample=False)      # transformers' own generate
+  pipeline("image-text-to-text", model="export/minimind-v-512", trust_remote_code=True)
+  model.chat(processor.tokenizer, image, "What is in the image?")  # through the repository's engine
 
-Every script that takes --ckpt (training's --init_from too) also takes such a directory.
+Every script that takes --ckpt (training's --init_from too) also takes such a directory, so it converts back
+by use; its model.safetensors is the checkpoint's state dict with every key prefixed `model.` (strip it for a
+file upstream's code loads). The export's README.md is a model card with a runnable snippet; with
+--copy_vision the directory is ready for `huggingface-cli upload`.
 """
 import argparse
 import json
@@ -28,12 +31,41 @@ from pathlib import Path
 from transformers import GenerationConfig
 
 from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
-from model.processing_minimind_v import MiniMindVProcessor
 from model.cli import HelpFormatter, add_model_args
+from model.processing_minimind_v import MiniMindVProcessor
 from model.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 from model.vision import DEFAULT_VISION_MODEL
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
+MODEL_CARD = """---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [minimind-v, vision-language, custom_code]
+---
+# {name}
+
+MiniMind-V: a {params:.1f}M-parameter MiniMind decoder (dim {dim}, {n_layers} layers) that sees through a frozen
+CLIP ViT-B/32 (50 image tokens of width 768, one linear projector). Exported by export_model.py from
+`{source}`. The CLIP tower is {vision}.
+
+```python
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor, pipeline
+model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{path}", trust_remote_code=True)
+image = Image.open("cat.jpg")
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the image?"}}]}}]
+inputs = processor(images=[image], text=processor.apply_chat_template(messages), return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+pipe = pipeline("image-text-to-text", model="{path}", trust_remote_code=True)
+messages[0]["content"][0]["image"] = image
+print(pipe(text=messages, max_new_tokens=64, do_sample=False)[0]["generated_text"][-1]["content"])
+```
+
+`model.safetensors` holds the decoder under upstream MiniMind-V's parameter names, each prefixed `model.`:
+strip the prefix for a `.safetensors`/`.pth` state dict that upstream's code loads with strict=True.
+"""
 
 
 def parse_args(argv=None):
@@ -84,6 +116,10 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
                      pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.65, top_p=0.85,
                      max_new_tokens=256).save_pretrained(out)
     save_weights({f"model.{k}": v for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "README.md").write_text(MODEL_CARD.format(
+        name=out.name, params=model.num_parameters() / 1e6, dim=cfg.dim, n_layers=cfg.n_layers, source=Path(ckpt).name,
+        path=str(out), vision="in `vision/` (copied)" if copy_vision else
+        f"read from `{vision_ref}` (export with --copy_vision before uploading with `huggingface-cli upload`)"))
     return out
 
 

@@ -93,6 +93,16 @@ def test_stock_generate_matches_the_engine(exported, served_model, tokenizer, ra
     assert "".join(streamer).strip() == "blue"
 
 
+def test_model_card_snippet_is_the_tested_one(exported):
+    """The export's README.md is a model card whose snippet makes the calls test_processor_and_pipeline makes."""
+    card = (exported / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text")
+    for call in ('AutoProcessor.from_pretrained("', "processor.apply_chat_template(messages)",
+                 "model.generate(**inputs", 'pipeline("image-text-to-text"'):
+        assert call in card
+    assert f'from_pretrained("{exported}"' in card
+
+
 def test_processor_and_pipeline(exported, tokenizer):
     """AutoProcessor: the chat template with an image part gives the project's prompt ids, and pixel_values
     the project's preprocessing; generate(**inputs) answers; pipeline("image-text-to-text") answers a chat."""
