@@ -21,7 +21,8 @@ from model.checkpoint import CheckpointError, resolve_checkpoint
 from model.cli import HelpFormatter, add_max_image_pixels, add_model_args
 from model.engine import ChatEngine, InputError, PromptTooLong
 from model.LMConfig import IMAGE_MARKER
-from model.vision import BadImage, load_image, preprocess_image, vision_fingerprint
+from model.images import BadImage
+from model.vision import load_image, preprocess_image, vision_fingerprint
 from trainer.feature_cache import FeatureCache, image_cache_key
 from trainer.records import DataError, Problem, check_records, conversation_to_messages, image_paths, read_records
 

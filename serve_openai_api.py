@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool  # noqa: E402
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
 from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
 from model.engine import MAX_IMAGE_BYTES, Busy, InputError, PromptTooLong, TooLarge, open_image  # noqa: E402
-from model.vision import MAX_IMAGE_PIXELS  # noqa: E402
+from model.images import MAX_IMAGE_PIXELS  # noqa: E402
 
 MAX_REQUEST_BYTES = 16 * 2 ** 20
 DEFAULTS = dict(temperature=0.65, top_p=0.85, max_tokens=256)  # the model's chat defaults, used when absent

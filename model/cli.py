@@ -40,7 +40,7 @@ def add_model_args(parser, ckpt_default="out/512_vlm_sft", ckpt_help=None, runti
 
 
 def add_max_image_pixels(parser):
-    from .vision import MAX_IMAGE_PIXELS
+    from .images import MAX_IMAGE_PIXELS
     parser.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
                         help="images with more pixels (width x height) are refused: a guard against "
                              "decompression bombs")

@@ -46,8 +46,9 @@ from .checkpoint import load_vlm, resolve_checkpoint
 from .LMConfig import IMAGE_MARKER
 from .model import FeedForward, KVCache, apply_rope, sample_next_token
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
-from .vision import (DEFAULT_VISION_MODEL, MAX_IMAGE_PIXELS, BadImage, autocast_dtype, cached_features,
-                     encode_images, load_vision_model, pixels_of, read_image)
+from .images import MAX_IMAGE_PIXELS, BadImage, read_image
+from .vision import (DEFAULT_VISION_MODEL, autocast_dtype, cached_features, encode_images, load_vision_model,
+                     pixels_of)
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded
 MAX_BATCH = 8  # answers decoded together; more wait for a free slot

@@ -1,4 +1,5 @@
 """The frozen vision side: load a CLIP ViT-B/32 tower, preprocess images, encode them to (50, 768) features.
+(Reading image files and the pixel arithmetic itself live in model/images.py, which needs no torch.)
 
 The tower is read from a local directory in Hugging Face layout (what `git clone` of
 openai/clip-vit-base-patch32 gives: config.json + model.safetensors or pytorch_model.bin). Nothing is ever
@@ -10,12 +11,12 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import CLIP_MEAN, CLIP_STD, IMAGE_SIZE, MAX_IMAGE_PIXELS, PREPROCESS_VERSION, clip_pixels, read_image
 from .LMConfig import N_IMAGE_TOKENS
 
 DEFAULT_VISION_MODEL = "model/clip_model/clip-vit-base-patch32"
@@ -25,9 +26,6 @@ CLIP_DOWNLOAD_HINT = (
     "or, for the offline demo only, make a random tower with `python scripts/make_random_clip.py` "
     "and pass --vision_model model/clip_model/random-clip-vit-base-patch32-seed0")
 
-IMAGE_SIZE = 224
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 @dataclass
@@ -211,105 +209,10 @@ def make_random_vision_model(out_dir: str, seed: int = 0):
     return out_dir
 
 
-PREPROCESS_VERSION = "rgb-white-exif-16bit-v3"  # part of the feature-cache fingerprint: bump when preprocessing changes
-MAX_IMAGE_PIXELS = 4096 * 4096  # an image with more pixels is refused before decoding (decompression bombs)
-IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
-
-
-class BadImage(ValueError):
-    """An image that cannot be used. `kind` names the problem (one of trainer.records.PROBLEMS); the message
-    says what is wrong with which file and is safe to show to whoever sent it."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def check_image_file(path, name: str):
-    """BadImage for an image file that is missing or empty: what a stat can tell, without opening it."""
-    if not os.path.isfile(path):
-        raise BadImage("image_missing", f"{name} does not exist")
-    if os.path.getsize(path) == 0:
-        raise BadImage("image_empty", f"{name} is empty (0 bytes)")
-
-
-def open_image_header(source, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open an image (a path, or a file object of bytes) without decoding its pixels: format, size and mode are
-    known, and the pixel limit is applied before any decoding. Raises BadImage."""
-    import warnings
-    from PIL import UnidentifiedImageError
-    if isinstance(source, (str, os.PathLike)):
-        check_image_file(source, name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies below
-        try:
-            image = Image.open(source)
-        except Image.DecompressionBombError:
-            raise BadImage("image_too_large", f"{name} has too many pixels (limit {max_pixels / 1e6:.1f} million)") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise BadImage("not_an_image", f"{name} is not an image this model can read ({IMAGE_FORMATS})") from None
-    w, h = image.size
-    if w * h > max_pixels:
-        image.close()
-        raise BadImage("image_too_large", f"{name} is {w}x{h} = {w * h / 1e6:.1f} million pixels; the limit is "
-                                          f"{max_pixels / 1e6:.1f} million")
-    return image
-
-
-def read_image(source, name: str = "the image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image file (a path, or a file object of bytes) into upright RGB (see to_rgb), or raise BadImage
-    saying what is wrong: missing, empty, not an image, too many pixels, truncated or otherwise damaged."""
-    image = open_image_header(source, name, max_pixels)
-    try:
-        with image:
-            image.load()
-            return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        kind = "image_truncated" if "truncat" in str(e).lower() else "image_damaged"
-        raise BadImage(kind, f"{name} is damaged or truncated ({e})") from None
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float greyscale ('I;16', 'I', 'F') as 8-bit 'L'. PIL's own convert clips
-    them at 255, which turns a 16-bit scan almost entirely white."""
-    a = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        a = a * 255 if a.size and a.max() <= 1.0 else a  # floats in [0, 1], else taken as 0..255
-    elif image.mode.startswith("I;16") or (a.size and a.max() > 255):
-        a = a / 257  # 0..65535 -> 0..255
-    return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8), "L")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB: the EXIF orientation applied (phone photos are stored sideways), transparency composited
-    on white (a plain convert would show transparent pixels as whatever colour they hide, often black),
-    16-bit and float greyscale scaled to 8 bits; CMYK, 1-bit, greyscale and palette images converted."""
-    from PIL import ImageOps
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I") or image.mode == "F":
-        image = _to_8bit(image)
-    if image.mode == "P" or (image.mode in ("L", "RGB") and "transparency" in image.info):
-        image = image.convert("RGBA")  # palette or colour-key transparency becomes an alpha channel
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def preprocess_image(image: Image.Image) -> torch.Tensor:
-    """PIL image (any mode) -> (3, 224, 224) float tensor: upright RGB (see to_rgb), shortest side to 224
-    (bicubic), centre crop, CLIP mean/std, like CLIPProcessor."""
-    image = to_rgb(image)
-    w, h = image.size
-    scale = IMAGE_SIZE / min(w, h)
-    if (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
-        nw, nh = max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
-        image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    x = (np.asarray(image, dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+    """PIL image (any mode) -> (3, 224, 224) float tensor (images.clip_pixels: upright RGB, shortest side to
+    224, centre crop, CLIP mean/std, like CLIPProcessor)."""
+    return torch.from_numpy(clip_pixels(image))
 
 
 def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:

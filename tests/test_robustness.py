@@ -37,7 +37,7 @@ from model.checkpoint import CheckpointError, load_strict, save_checkpoint
 from trainer.data import LengthGroupedBatchSampler
 from model.model import MiniMindVLM
 from model.engine import InputError, TooLarge, open_image
-from model.vision import to_rgb
+from model.images import to_rgb
 from tests.bad_corpus import ERROR_KINDS, MAX_SEQ_LEN, image_files, make_bad_corpus
 from tests.conftest import ROOT
 from tests.served_model import QUESTION, Server

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from trainer.feature_cache import FeatureCache
-from model.vision import (CLIP_MEAN, CLIP_STD, encode_images, load_vision_model, make_random_vision_model,
-                                preprocess_image, vision_fingerprint)
+from model.images import CLIP_MEAN, CLIP_STD
+from model.vision import encode_images, load_vision_model, make_random_vision_model, preprocess_image, vision_fingerprint
 
 
 def small_clip_configs():

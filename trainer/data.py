@@ -13,7 +13,8 @@ from torch.utils.data import Dataset, Sampler
 
 from model.LMConfig import IMAGE_PLACEHOLDER
 from model.tokenizer import ANSWER_END, ChatFormatError, image_token_ids, split_turns, turn_texts
-from model.vision import MAX_IMAGE_PIXELS, BadImage, load_image
+from model.images import MAX_IMAGE_PIXELS, BadImage
+from model.vision import load_image
 
 from .feature_cache import image_cache_key
 from .records import (UPSTREAM_IMAGE_PREFIXES, Problem, RecordError, conversation_to_messages, find_image,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from model.cli import HelpFormatter, add_max_image_pixels
 from model.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from model.vision import MAX_IMAGE_PIXELS, BadImage, open_image_header, read_image
+from model.images import MAX_IMAGE_PIXELS, BadImage, open_image_header, read_image
 
 from .data import measure_entries
 from .records import PROBLEMS, Problem, check_records, image_paths, missing_image_detail, read_records

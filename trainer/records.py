@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from model.LMConfig import IMAGE_MARKER
-from model.vision import BadImage, check_image_file
+from model.images import BadImage, check_image_file
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

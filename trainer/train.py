@@ -25,8 +25,9 @@ from model.cli import DTYPES, HelpFormatter, add_max_image_pixels, default_devic
 from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
 from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer
-from model.vision import (DEFAULT_VISION_MODEL, BadImage, autocast_dtype, cached_features, encode_images,
-                          load_vision_model, vision_fingerprint)
+from model.images import BadImage
+from model.vision import (DEFAULT_VISION_MODEL, autocast_dtype, cached_features, encode_images, load_vision_model,
+                          vision_fingerprint)
 
 from .bad_samples import BadSamples, filler_row
 from .data import ImageFileDataset, LengthGroupedBatchSampler, VLMCollator, VLMDataset, collate_images
