@@ -30,6 +30,7 @@ single fp32 stream (4 rows cost ~1.4x one); row_block=1 trades the equality for 
 batches and prefills are used only where rows round alike (row_block 1). MoE experts see a varying number of
 rows, so with use_moe answers are equal only up to rounding; on CUDA this is not checked.
 """
+import atexit
 import collections
 import io
 import queue
@@ -395,6 +396,15 @@ class _Request:
         self.out.put(None)
 
 
+_SCHEDULERS = weakref.WeakSet()  # every live scheduler, stopped at interpreter exit
+
+
+@atexit.register
+def _stop_schedulers():
+    for scheduler in list(_SCHEDULERS):
+        scheduler.stop()
+
+
 class Scheduler:
     """The continuous-batching thread of one ChatEngine. Each turn of its loop: admit waiting requests while
     fewer than max_batch decode (each prefilled alone, which also samples its first token), then run one
@@ -408,7 +418,18 @@ class Scheduler:
         self.steps = 0  # decoding steps run
         self.most_active = 0  # the largest batch a step has run
         self.cancelled = 0  # requests dropped because their consumer went away
-        threading.Thread(target=self._loop, name="minimind-scheduler", daemon=True).start()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="minimind-scheduler", daemon=True)
+        self.thread.start()
+        _SCHEDULERS.add(self)
+
+    def stop(self, timeout=10.0):
+        """End the thread once the current step is done (at interpreter exit: a thread still inside torch
+        while the process tears torch down aborts it with 'terminate called without an active exception')."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
 
     def submit(self, request):
         with self.cond:
@@ -434,9 +455,11 @@ class Scheduler:
         while True:
             with self.cond:
                 while not self.active and not self.waiting:
-                    if self.engine is None:  # nothing can submit any more
+                    if self.engine is None or self.stopping:  # nothing can submit any more
                         return
                     self.cond.wait(timeout=1.0)
+                if self.stopping:
+                    return
                 admitted = []
                 while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
                     r = self.waiting.popleft()
