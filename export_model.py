@@ -34,7 +34,7 @@ from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
 from model.cli import HelpFormatter, add_model_args
 from model.processing_minimind_v import MiniMindVProcessor
 from model.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
-from model.vision import DEFAULT_VISION_MODEL
+from model.vision import DEFAULT_VISION_MODEL, load_vision_model
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 MODEL_CARD = """---
@@ -73,10 +73,13 @@ def parse_args(argv=None):
     add_model_args(p, ckpt_help="checkpoint to export (.safetensors, .pth, or a stem)", runtime=False)
     p.add_argument("--out", required=True, help="directory to write (created; existing files are replaced)")
     p.add_argument("--copy_vision", action="store_true", help="copy the CLIP tower into the export (else: its path)")
+    p.add_argument("--onnx", action="store_true", help="also write onnx/ (vision tower + projector, and the decoder "
+                   "with explicit past keys/values) for scripts/onnx_chat.py, which runs without PyTorch")
     return p.parse_args(argv)
 
 
-def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISION_MODEL, copy_vision=False):
+def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISION_MODEL, copy_vision=False,
+           onnx=False):
     tokenizer = load_tokenizer(tokenizer_dir)
     ckpt = resolve_checkpoint(ckpt)
     model, cfg = load_vlm(ckpt, tokenizer)
@@ -120,13 +123,16 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
         name=out.name, params=model.num_parameters() / 1e6, dim=cfg.dim, n_layers=cfg.n_layers, source=Path(ckpt).name,
         path=str(out), vision="in `vision/` (copied)" if copy_vision else
         f"read from `{vision_ref}` (export with --copy_vision before uploading with `huggingface-cli upload`)"))
+    if onnx:
+        from model.onnx_export import export_onnx
+        export_onnx(model, load_vision_model(vision_model), tokenizer, out / "onnx")
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, args.tokenizer, args.vision_model, args.copy_vision)
+        out = export(args.ckpt, args.out, args.tokenizer, args.vision_model, args.copy_vision, args.onnx)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"exported {resolve_checkpoint(args.ckpt)} to {out}/ (AutoModelForCausalLM.from_pretrained("
