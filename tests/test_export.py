@@ -88,6 +88,10 @@ def test_stock_generate_matches_the_engine(exported, served_model, tokenizer, ra
     assert torch.equal(sampled(3), sampled(3))
     beams = model.generate(ids, image_features=feats, max_new_tokens=4, num_beams=2, do_sample=False)
     assert beams.shape[0] == 1 and beams.shape[1] > ids.shape[1]
+    stopped = model.generate(ids, image_features=feats, max_new_tokens=5, do_sample=False, stop_strings=["bl"],
+                             tokenizer=tokenizer)
+    assert tokenizer.decode(stopped[0, ids.shape[1]:]).startswith("bl") and stopped.shape[1] < out.shape[1]
+    assert (model.generation_config.do_sample, model.generation_config.temperature) == (True, 0.65)  # the export's
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.generate(ids, image_features=feats, max_new_tokens=5, do_sample=False, streamer=streamer)
     assert "".join(streamer).strip() == "blue"
