@@ -396,6 +396,24 @@ def decode_naive(model, tokenizer, ids, feats, n_tokens):
     return first - t0, (n_tokens - 1) / (end - first)
 
 
+def random_model_files(size, workdir=None, prefix="bench-"):
+    """(workdir, checkpoint, CLIP directory, LMConfig, tokenizer): a seeded random model of `size` saved as a
+    checkpoint and a seeded random CLIP tower, made once in workdir (a new temporary directory if None)."""
+    from model.checkpoint import save_checkpoint
+    from model.tokenizer import DEFAULT_TOKENIZER
+    work = workdir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(work, exist_ok=True)
+    tok = load_tokenizer(DEFAULT_TOKENIZER)
+    torch.manual_seed(0)
+    cfg = LMConfig(**SIZES[size], vocab_size=len(tok), image_ids=image_token_ids(tok))
+    ckpt, tower = os.path.join(work, f"random_{size}.safetensors"), os.path.join(work, "random-clip")
+    if not os.path.isfile(ckpt):
+        save_checkpoint(MiniMindVLM(cfg), ckpt, cfg)
+    if not os.path.isdir(tower):
+        make_random_vision_model(tower, seed=0)
+    return work, ckpt, tower, cfg, tok
+
+
 def print_json(res, out=None):
     """The result as one JSON line, last on stdout (what run_script and the tests read), and in `out` if given."""
     line = json.dumps(res)

@@ -26,7 +26,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -35,14 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from benchmark import SIZES, decode_naive, memory_bandwidth, print_json  # noqa: E402
-from model.checkpoint import load_vlm, read_safetensors, save_checkpoint  # noqa: E402
+from benchmark import SIZES, decode_naive, memory_bandwidth, print_json, random_model_files  # noqa: E402
+from model.checkpoint import load_vlm, read_safetensors  # noqa: E402
 from model.cli import HelpFormatter, default_device  # noqa: E402
 from model.engine import ChatEngine  # noqa: E402
-from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
-from model.model import MiniMindVLM  # noqa: E402
-from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer  # noqa: E402
-from model.vision import autocast_dtype, make_random_vision_model  # noqa: E402
+from model.LMConfig import IMAGE_MARKER  # noqa: E402
+from model.vision import autocast_dtype  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": f"{IMAGE_MARKER}\nDescribe this image."}]
 
@@ -162,15 +159,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-decode-")
-    tok = load_tokenizer(DEFAULT_TOKENIZER)
-    torch.manual_seed(0)
-    cfg = LMConfig(**SIZES[args.size], vocab_size=len(tok), image_ids=image_token_ids(tok))
-    ckpt = os.path.join(work, f"random_{args.size}.safetensors")
-    save_checkpoint(MiniMindVLM(cfg), ckpt, cfg)
-    tower = os.path.join(work, "random-clip")
-    if not os.path.isdir(tower):
-        make_random_vision_model(tower, seed=0)
+    _, ckpt, tower, cfg, tok = random_model_files(args.size, args.workdir, "bench-decode-")
 
     fp32 = ChatEngine.load(ckpt, tower, device=str(device), dtype="float32")
     engines = {"upstream": ChatEngine(load_vlm(ckpt, tok, device)[0], tok, fp32.vision), "fp32": fp32}

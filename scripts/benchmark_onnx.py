@@ -18,13 +18,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from benchmark import SIZES, print_json  # noqa: E402
+from benchmark import SIZES, print_json, random_model_files  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
 
 # The PyTorch side, in its own process: the engine, greedy, timed like scripts/onnx_chat.py --benchmark.
@@ -73,22 +72,8 @@ def main(argv=None):
     from PIL import Image
 
     from export_model import export
-    from model.checkpoint import save_checkpoint
-    from model.LMConfig import LMConfig
-    from model.model import MiniMindVLM
-    from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer
-    from model.vision import make_random_vision_model
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-onnx-")
-    os.makedirs(work, exist_ok=True)
-    tok = load_tokenizer(DEFAULT_TOKENIZER)
-    torch.manual_seed(0)
-    cfg = LMConfig(**SIZES[args.size], vocab_size=len(tok), image_ids=image_token_ids(tok))
-    ckpt, tower, out = (os.path.join(work, f"random_{args.size}.safetensors"), os.path.join(work, "random-clip"),
-                        os.path.join(work, f"export_{args.size}"))
-    if not os.path.isfile(ckpt):
-        save_checkpoint(MiniMindVLM(cfg), ckpt, cfg)
-    if not os.path.isdir(tower):
-        make_random_vision_model(tower, seed=0)
+    work, ckpt, tower, _, _ = random_model_files(args.size, args.workdir, "bench-onnx-")
+    out = os.path.join(work, f"export_{args.size}")
     if not os.path.isfile(os.path.join(out, "onnx", "decoder.onnx")):
         export(ckpt, out, vision_model=tower, onnx=True)
     image = os.path.join(work, "noise.png")

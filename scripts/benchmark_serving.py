@@ -40,13 +40,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from benchmark import SIZES, print_json  # noqa: E402
-from model.checkpoint import save_checkpoint  # noqa: E402
+from benchmark import SIZES, print_json, random_model_files  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
-from model.LMConfig import LMConfig  # noqa: E402
-from model.model import MiniMindVLM  # noqa: E402
-from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer  # noqa: E402
-from model.vision import autocast_dtype, make_random_vision_model  # noqa: E402
+from model.vision import autocast_dtype  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
 # Runs a script and prints its own peak RSS on stderr as the last line: VmHWM, which starts afresh at exec
@@ -229,17 +225,7 @@ def memory_section(ckpt, tower, work, dtypes):
 
 def main(argv=None):
     args = parse_args(argv)
-    work = args.workdir or tempfile.mkdtemp(prefix="bench-serving-")
-    os.makedirs(work, exist_ok=True)
-    tok = load_tokenizer(DEFAULT_TOKENIZER)
-    torch.manual_seed(0)
-    cfg = LMConfig(**SIZES[args.size], vocab_size=len(tok), image_ids=image_token_ids(tok))
-    ckpt = os.path.join(work, f"random_{args.size}.safetensors")
-    if not os.path.isfile(ckpt):
-        save_checkpoint(MiniMindVLM(cfg), ckpt, cfg)
-    tower = os.path.join(work, "random-clip")
-    if not os.path.isdir(tower):
-        make_random_vision_model(tower, seed=0)
+    work, ckpt, tower, _, _ = random_model_files(args.size, args.workdir, "bench-serving-")
     images = image_data_urls(max(args.clients))
     common = ["--ckpt", ckpt, "--vision_model", tower, "--device", "cpu", "--dtype", args.dtype]
     servers = {"batched": (ROOT, common + ["--max_batch", str(args.max_batch)]),
