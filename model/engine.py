@@ -91,17 +91,6 @@ def open_image(data: bytes, name: str = "the image", max_bytes: int = MAX_IMAGE_
         raise (TooLarge if e.kind == "image_too_large" else InputError)(str(e)) from None
 
 
-def left_pad(seqs, pad_id=0):
-    """(ids, attention_mask), left-padded so every row's last prompt token sits in the last column."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[b, T - len(s):] = 1
-    return ids, mask
-
-
 class IncrementalDecoder:
     """Token ids in, text pieces out, at O(1) cost per token however long the answer grows.
 

@@ -171,8 +171,18 @@ def _image_prompts(tokenizer):
     return a, b
 
 
+def left_pad(seqs, pad_id=0):
+    """(ids, attention_mask), left-padded so every row's last prompt token sits in the last column."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, T - len(s):] = 1
+    return ids, mask
+
+
 def test_kv_cache_generation_equals_recompute(tokenizer, tiny_cfg):
-    from model.engine import left_pad
     model = MiniMindVLM(tiny_cfg()).eval()
     a, b = _image_prompts(tokenizer)
     ids, mask = left_pad([a, b])
