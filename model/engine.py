@@ -158,28 +158,33 @@ class Generation:
         its next step, and an iteration in progress ends."""
         self.request.cancelled = True
 
-    def __iter__(self):
-        """Text pieces. The request joins the engine's scheduler on the first next()."""
-        request = self.request
-        if request.submitted:
+    def start(self):
+        """Hand the request to the engine's scheduler (iterating does it on the first next())."""
+        if self.request.submitted:
             raise RuntimeError("a Generation streams its answer once")
-        request.submitted = True
-        self.engine.scheduler().submit(request)
+        self.request.submitted = True
+        self.engine.scheduler().submit(self.request)
 
-        def tokens():
-            try:
-                while True:
-                    token = request.out.get()
-                    if token is None:  # the end; finish_reason is set
-                        self.finish_reason = request.finish_reason
-                        return
-                    if isinstance(token, BaseException):
-                        raise token
-                    self.completion_tokens += 1
-                    yield token
-            finally:
-                request.cancelled = True  # no-op after the end; otherwise the scheduler drops it
-        yield from text_pieces(tokens(), self.engine.tokenizer)
+    def token_ids(self):
+        """The answer's token ids as the scheduler hands them over (without the end-of-answer id)."""
+        request = self.request
+        try:
+            while True:
+                token = request.out.get()
+                if token is None:  # the end; finish_reason is set
+                    self.finish_reason = request.finish_reason
+                    return
+                if isinstance(token, BaseException):
+                    raise token
+                self.completion_tokens += 1
+                yield token
+        finally:
+            request.cancelled = True  # no-op after the end; otherwise the scheduler drops it
+
+    def __iter__(self):
+        """Text pieces."""
+        self.start()
+        yield from text_pieces(self.token_ids(), self.engine.tokenizer)
 
     def text(self) -> str:
         return "".join(self)
@@ -325,19 +330,9 @@ class ChatEngine:
                         repetition_penalty=repetition_penalty)
         gens = [Generation(self, ids, f, max_new_tokens, sampling, None if seed is None else seed + i)
                 for i, (ids, f) in enumerate(zip(prompt_ids, image_features))]
-        requests = [g.request for g in gens]
-        for r in requests:
-            r.submitted = True
-            self.scheduler().submit(r)
-        answers = []
-        for r in requests:
-            tokens = []
-            while (token := r.out.get()) is not None:
-                if isinstance(token, BaseException):
-                    raise token
-                tokens.append(token)
-            answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
-        return answers
+        for g in gens:  # all queued before any is read, so that they decode together
+            g.start()
+        return [self.tokenizer.decode(list(g.token_ids()), skip_special_tokens=True).strip() for g in gens]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,8 +391,8 @@ def _stop_schedulers():
 
 class Scheduler:
     """The continuous-batching thread of one ChatEngine. Each turn of its loop: admit waiting requests while
-    fewer than max_batch decode (each prefilled alone, which also samples its first token), then run one
-    decoding step over every active request. Requests that finished or were cancelled leave between steps."""
+    fewer than max_batch decode (prefilled, which also samples each one's first token), then run one decoding
+    step over every active request. Requests that finished or were cancelled leave between steps."""
 
     def __init__(self, engine):
         self._engine = weakref.ref(engine)  # the thread ends once its engine is gone (see _loop)
