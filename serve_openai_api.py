@@ -13,7 +13,8 @@ URL or opens a local path. Request bodies and images are bounded (--max_request_
 Concurrent requests are decoded together (continuous batching, up to --max_batch answers at once). A request
 beyond them waits, in arrival order, for a free slot: its client sees a later first token, not an error.
 When --max_waiting requests already wait, a new one gets 429 (code "server_busy", with a Retry-After header),
-which the openai client retries by itself. A client that disconnects mid-answer frees its slot at once.
+which the openai client retries by itself. A streaming client that disconnects mid-answer frees its slot at
+once; a non-streaming request runs to its end.
 """
 import argparse
 import base64
