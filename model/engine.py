@@ -48,7 +48,8 @@ from .LMConfig import IMAGE_MARKER
 from .model import FeedForward, KVCache, apply_rope, sample_next_token
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
 from .images import MAX_IMAGE_PIXELS, BadImage, read_image
-from .vision import (DEFAULT_VISION_MODEL, autocast_dtype, cached_features, encode_images, load_vision_model,
+from .hardware import autocast_dtype
+from .vision import (DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model,
                      pixels_of)
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded

@@ -57,8 +57,9 @@ from trainer.feature_cache import FeatureCache  # noqa: E402
 from model.LMConfig import IMAGE_MARKER, LMConfig  # noqa: E402
 from model.model import MiniMindVLM  # noqa: E402
 from trainer.train import batch_image_features, make_adamw  # noqa: E402
-from model.vision import (autocast_dtype, encode_images, load_vision_model,  # noqa: E402
-                          make_random_vision_model, vision_fingerprint)
+from model.hardware import autocast_dtype  # noqa: E402
+from model.vision import (encode_images, load_vision_model, make_random_vision_model,  # noqa: E402
+                          vision_fingerprint)
 
 SIZES = {"27m": dict(dim=512, n_layers=8, n_heads=16, n_kv_heads=8),
          "109m": dict(dim=768, n_layers=16, n_heads=16, n_kv_heads=8),

@@ -39,7 +39,7 @@ from model.checkpoint import load_vlm, read_safetensors  # noqa: E402
 from model.cli import HelpFormatter, default_device  # noqa: E402
 from model.engine import ChatEngine  # noqa: E402
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.vision import autocast_dtype  # noqa: E402
+from model.hardware import autocast_dtype  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": f"{IMAGE_MARKER}\nDescribe this image."}]
 

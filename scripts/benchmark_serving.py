@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 from benchmark import SIZES, print_json, random_model_files  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
-from model.vision import autocast_dtype  # noqa: E402
+from model.hardware import autocast_dtype  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
 # Runs a script and prints its own peak RSS on stderr as the last line: VmHWM, which starts afresh at exec

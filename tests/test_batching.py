@@ -11,7 +11,7 @@ import torch
 
 from model.engine import Busy, ChatEngine
 from model.model import KVCache, MiniMindVLM
-from model.vision import autocast_dtype
+from model.hardware import autocast_dtype
 
 QUESTIONS = ["What colour is the sky?", "Tell me a long story about a cat.", "1 2 3 4", "你好，请介绍一下你自己。"]
 

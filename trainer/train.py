@@ -26,7 +26,8 @@ from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
 from model.tokenizer import DEFAULT_TOKENIZER, image_token_ids, load_tokenizer
 from model.images import BadImage
-from model.vision import (DEFAULT_VISION_MODEL, autocast_dtype, cached_features, encode_images, load_vision_model,
+from model.hardware import autocast_dtype
+from model.vision import (DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model,
                           vision_fingerprint)
 
 from .bad_samples import BadSamples, filler_row
