@@ -63,25 +63,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32: under bf16 autocast the mean of squares loses too much precision.
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        # x * rsqrt(mean(x^2) + eps) * weight, in one kernel that accumulates in fp32 whatever x's dtype
+        # (the mean of squares in bf16 would lose too much precision).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def precompute_rope(head_dim: int, max_len: int, theta: float):
-    """cos/sin tables of shape (max_len, head_dim // 2)."""
+    """RoPE tables of shape (max_len, head_dim): cos of each pair's angle twice, and its sin as (-sin, +sin), so
+    that apply_rope is two products and a sum."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
     angles = torch.outer(torch.arange(max_len).float(), inv_freq)
-    return torch.cos(angles), torch.sin(angles)
+    return angles.cos().repeat_interleave(2, dim=-1), torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2)
 
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x[2i], x[2i+1]) by position-dependent angles, as upstream's complex-number
-    formulation does. x: (B, T, H, D); cos/sin: (T, D/2), or (B, T, D/2) for a position per row."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+    formulation does: (x0 cos - x1 sin, x1 cos + x0 sin), computed in fp32. x: (B, T, H, D); cos/sin from
+    precompute_rope: (T, D), or (B, T, D) for a position per row."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) in each pair
+    return (xf * cos.unsqueeze(-2) + swapped * sin.unsqueeze(-2)).type_as(x)  # broadcast over the heads
 
 
 class Attention(nn.Module):
@@ -314,7 +315,7 @@ class MiniMindVLM(nn.Module):
                 f"row {b} has {found[b].item()} placeholder(s) but {given[b]} image(s)" for b in bad[:8]))
         if feats is None:
             return h
-        image_embeds = self.vision_proj(feats.to(self.vision_proj.vision_proj[0].weight.dtype))
+        image_embeds = self.vision_proj(feats.to(h.dtype))
         # One masked assignment: placeholder positions, in row-major order, take the image tokens in order.
         return h.masked_scatter(mask.unsqueeze(-1), image_embeds.to(h.dtype))
 
