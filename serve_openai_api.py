@@ -22,6 +22,7 @@ import binascii
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 
@@ -34,7 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
+from model.cli import HelpFormatter, add_serving_args, load_engine, serve_engine  # noqa: E402
 from model.engine import MAX_IMAGE_BYTES, Busy, InputError, PromptTooLong, TooLarge, open_image  # noqa: E402
 from model.images import MAX_IMAGE_PIXELS  # noqa: E402
 
@@ -236,7 +237,10 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     app = create_app(engine, args.max_request_bytes, args.max_image_bytes, args.max_image_pixels)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    serve_engine(engine, lambda: (setattr(server, "should_exit", True), thread.join(10)), thread)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.cli import HelpFormatter, add_serving_args, load_engine  # noqa: E402
+from model.cli import HelpFormatter, add_serving_args, load_engine, serve_engine  # noqa: E402
 from model.engine import Busy, InputError, open_image  # noqa: E402
 
 EXAMPLE_IMAGES_DIR = "dataset/eval_images"
@@ -200,7 +200,8 @@ def main(argv=None):
     app.queue(max_size=args.max_waiting, default_concurrency_limit=args.max_batch)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
                max_file_size=args.max_image_bytes, theme=theme, css=CSS, footer_links=["gradio"],
-               show_error=False, quiet=False)
+               show_error=False, quiet=False, prevent_thread_lock=True)
+    serve_engine(engine, app.close)  # the answers are computed on this, the main, thread
 
 
 if __name__ == "__main__":

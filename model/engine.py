@@ -8,53 +8,63 @@ conversations. 3-eval_chat.py, web_server.py, serve_openai_api.py and the export
   many answers at once                 ChatEngine.answer_batch (all through the scheduler, greedy or sampled)
 
 Many users, one model (continuous batching): every request keeps its own conversation, image features, KV
-cache, sampling settings and seeded random generator. One scheduler thread (Scheduler, started on the first
-answer) runs ONE forward pass per step over every active request: a new request's prompt is prefilled between
-two steps and it joins the next one; a finished request (EOS, max tokens) or a cancelled one
-(Generation.cancel: client gone, stop pressed) leaves at once and frees its slot. At most `max_batch` requests
-decode together; later ones wait in arrival order, and beyond `max_waiting` waiting ones ChatEngine.generate
-refuses with Busy (the API's 429). Requests that arrive together also share their images' encoding (one
-batch) and, for prompts of one length, their prefill (one pass), where that changes no result (see below).
+cache, sampling settings and seeded random generator. The Scheduler runs ONE forward pass per step over every
+active request: a new request's prompt is prefilled between two steps and it joins the next one; a finished
+request (EOS, max tokens) or a cancelled one (Generation.cancel: client gone, stop pressed) leaves at once and
+frees its slot. At most `max_batch` requests decode together; later ones wait in arrival order, and beyond
+`max_waiting` waiting ones ChatEngine.generate refuses with Busy (the API's 429).
 
-A decoding step (Scheduler.decode_step) runs the weight matmuls on the stacked rows' one new token each, with
+Which thread computes. All of the engine's tensor work (image encodes, prefills, decoding steps) runs on one
+thread at a time, and in a server on one thread only: its main thread, in Scheduler.serve_forever, while the
+HTTP/Gradio threads only hand requests over and wait. Elsewhere (the terminal chat, batch evaluation, a
+library caller) the thread that waits for its answer runs the steps itself, for every request in flight. Why:
+PyTorch's CPU kernels run on an OpenMP thread team, one per Python thread that ever ran a large op; once two
+teams exist on a 2-core machine, GNU OpenMP stops spinning between parallel regions and every small product
+pays a wake-up (measured on an Intel Xeon: a (1, 512) x (512, 1536) product takes 29 us on the main thread,
+120 us while a second thread that once ran a large op is alive; the thread itself costs nothing when the
+main thread never ran one). So request threads never touch large tensors (encode takes numpy pixels), and the
+model steps on the thread that loaded it.
+
+A decoding step (Scheduler.decode_step) runs the weight products on the stacked rows' one new token each, with
 q/k/v and w1/w3 fused into single products (fuse_projections: the parameters become views of the fused
 matrices, so the state dict and the prefill are unchanged); each row's attention reads its own unpadded KV
 cache at its own RoPE position.
 
-Batched answers equal solo ones. On CPU, oneDNN's bf16 products round each row the same whatever the number
-of rows, but MKL's fp32 products do not (one row takes a matrix-vector kernel; then rows in blocks of 4 are
-computed alike, the remainder by an edge kernel). So with fp32 weights on CPU a step pads its batch to a
-multiple of row_block = 4 rows: a request's greedy answer (and its seeded sampled one) is then bit-identical
-however many others run beside it and whenever they join (tests/test_batching.py). The price is a slower
-single fp32 stream (4 rows cost ~1.4x one); row_block=1 trades the equality for that speed. The shared image
-batches and prefills are used only where rows round alike (row_block 1). MoE experts see a varying number of
-rows, so with use_moe answers are equal only up to rounding; on CUDA this is not checked.
+Batched answers equal solo ones, on every CPU: a kernel may round a row differently by the number of rows it is
+given, and how depends on the machine (model/batch_invariance.py). At load the engine asks this machine's
+kernels, for its own matrices, and decodes in the way that leaves each row's bits unchanged: the step's rows
+padded to a multiple of `row_block` in one product, or each row in a product of its own (row_block None). Where
+the kernels allow, requests that arrive together share their prompts' prefill (one pass) and their images'
+encoding (one batch); elsewhere each is done alone. A request's greedy answer (and its seeded sampled one) is
+then bit-identical however many others run beside it and whenever they join (tests/test_batching.py). MoE
+experts see a varying number of rows, so with use_moe answers are equal only up to rounding.
 """
-import atexit
 import collections
 import io
-import queue
 import secrets
 import threading
-import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .batch_invariance import decode_row_block, encodes_alike, shared_prefill_rows
 from .checkpoint import load_vlm, resolve_checkpoint
+from .hardware import decoder_weights, encoder_autocast
+from .images import MAX_IMAGE_PIXELS, BadImage, clip_pixels, read_image
 from .LMConfig import IMAGE_MARKER
 from .model import FeedForward, KVCache, apply_rope, sample_next_token
+from .quant import Int8Linear, quantize_int8
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
-from .images import MAX_IMAGE_PIXELS, BadImage, read_image
-from .hardware import autocast_dtype
-from .vision import (DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model,
-                     pixels_of)
+from .vision import DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded
 MAX_BATCH = 8  # answers decoded together; more wait for a free slot
 MAX_WAITING = 64  # answers waiting for a slot; more are refused (Busy)
+ENCODE_BATCH = 4  # images of different requests one encode pass may hold (where they encode alike)
 
 
 class InputError(ValueError):
@@ -167,11 +177,13 @@ class Generation:
         self.engine.scheduler().submit(self.request)
 
     def token_ids(self):
-        """The answer's token ids as the scheduler hands them over (without the end-of-answer id)."""
-        request = self.request
+        """The answer's token ids as the scheduler hands them over (without the end-of-answer id). Waiting for
+        one may mean running the engine's steps on this thread (see the module docstring)."""
+        request, scheduler = self.request, self.engine.scheduler()
         try:
             while True:
-                token = request.out.get()
+                scheduler.wait_for(lambda: request.out)
+                token = request.out.popleft()
                 if token is None:  # the end; finish_reason is set
                     self.finish_reason = request.finish_reason
                     return
@@ -193,98 +205,93 @@ class Generation:
 
 class ChatEngine:
     """A MiniMind-V model, its tokenizer and the frozen vision tower, ready to answer. `ChatEngine.load`
-    reads them from files; the constructor takes them already loaded (as the exported model does)."""
+    reads them from files; the constructor takes them already loaded (as the exported model does).
+
+    row_block: None (the default) asks this machine's kernels how to batch a decoding step's rows so that each
+    row's result does not depend on the others (model/batch_invariance.py); an int forces the step's rows to be
+    padded to a multiple of it in one product, which on some CPUs makes an answer depend on its batch."""
 
     def __init__(self, model, tokenizer, vision_model, autocast=None, name="MiniMind-V", vision_name="",
-                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=0):
+                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=None):
         self.model, self.tokenizer, self.vision = model.eval(), tokenizer, vision_model
         self.cfg = model.params
-        self.device = model.output.weight.device
+        self.device = model.tok_embeddings.weight.device
+        self.dtype = model.tok_embeddings.weight.dtype  # of the activations
+        self.weights = "int8" if isinstance(model.output, Int8Linear) else str(self.dtype).replace("torch.", "")
         self.autocast = autocast  # dtype the image encoder runs in (None: fp32)
         self.name, self.vision_name = name, vision_name
         if max_batch < 1 or max_waiting < 0:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
-        fp32_cpu = self.device.type == "cpu" and model.output.weight.dtype == torch.float32
-        self.row_block = int(row_block) or (4 if fp32_cpu else 1)  # a step's rows: a multiple of this (see above)
-        self.fused = fuse_projections(model)
         # Keys/values are kept in fp32 on CPU: there, one query's attention over bf16 keys takes ~4x as long as
         # over fp32 ones (measured: 93 vs 20 us a call), and the cache is small next to the weights.
-        self.kv_dtype = torch.float32 if self.device.type == "cpu" else model.output.weight.dtype
-        self.lock = threading.Lock()  # one forward pass at a time: the scheduler's steps and image encoding
-        self._scheduler = None
-        self._scheduler_lock = threading.Lock()
-        self._encode_queue, self._encode_lock = [], threading.Lock()  # see encode
+        self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.fused = fuse_projections(model)
+        products = [model.output] + [p for layer, (qkv, w13) in zip(model.layers, self.fused)
+                                     for p in (qkv, layer.attention.wo, w13, getattr(layer.feed_forward, "w2", None))
+                                     if p is not None]
+        self.row_block = (decode_row_block(products, self.max_batch, self.dtype, self.device) if row_block is None
+                          else int(row_block))
+        # rows one prefill pass may hold for several prompts (0: each prompt alone); it also projects their images
+        self.prefill_rows = 0 if self.cfg.use_moe else shared_prefill_rows(
+            products + [model.vision_proj.vision_proj[0]], self.dtype, self.device)
+        self.encode_batch = None  # images one encode pass may hold; asked of the tower when first needed
+        self._scheduler = Scheduler(self)
 
     def scheduler(self) -> "Scheduler":
-        """The continuous-batching scheduler (its thread starts on first use)."""
-        with self._scheduler_lock:
-            if self._scheduler is None:
-                self._scheduler = Scheduler(self)
-            return self._scheduler
+        return self._scheduler
 
     @classmethod
     def load(cls, ckpt, vision_model=DEFAULT_VISION_MODEL, tokenizer=DEFAULT_TOKENIZER, device=None, dtype="auto",
              **batching):
         """From a checkpoint (.safetensors/.pth/stem/export directory), a CLIP directory and a tokenizer
-        directory (batching: max_batch, max_waiting, row_block). Missing or mismatched files raise
-        FileNotFoundError or ValueError naming them."""
+        directory (batching: max_batch, max_waiting, row_block). dtype: 'auto' (model/hardware.py's rule),
+        'float32', 'bfloat16', 'float16' (autocasts the image encoder only) or 'int8' (weight-only int8 decoder
+        products, CPU). Missing or mismatched files raise FileNotFoundError or ValueError naming them."""
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)
-        amp = autocast_dtype(device.type, dtype)
-        # bf16 where the hardware has it: decoding one stream reads every weight once per token, so weights of
-        # half the bytes decode faster. RMSNorm, RoPE and the sampled logits stay fp32 (model.py), and so does
-        # the KV cache on CPU (see kv_dtype). fp16 weights are not used: an fp16 residual stream can overflow
-        # where bf16's range cannot. The weights are read straight into their dtype (no fp32 copy in memory).
-        weights = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
-        model, _ = load_vlm(ckpt, tok, device, weights)
-        vision = load_vision_model(vision_model, device, weights)
+        weights = decoder_weights(device.type, dtype)
+        amp = encoder_autocast(device.type, dtype)
+        # RMSNorm, RoPE and the sampled logits stay fp32 (model.py), and so does the KV cache on CPU (kv_dtype).
+        # fp16 weights are not used: an fp16 residual stream can overflow where bf16's range cannot. The weights
+        # are read straight into their dtype (no fp32 copy in memory).
+        model, _ = load_vlm(ckpt, tok, device, torch.bfloat16 if weights == "bfloat16" else torch.float32)
+        if weights == "int8":
+            quantize_int8(model)
+        vision = load_vision_model(vision_model, device, torch.bfloat16 if amp == torch.bfloat16 else torch.float32)
         return cls(model, tok, vision, amp, Path(ckpt).stem, Path(vision_model).name, **batching)
+
+    def num_parameters(self) -> int:
+        """The model's parameters as trained (int8 matrices count as the weights they stand for)."""
+        m = self.model
+        return m.num_parameters() + sum(q.qweight.numel() + (0 if q.bias is None else q.bias.numel())
+                                        for q in m.modules() if isinstance(q, Int8Linear) and q is not m.output)
 
     def describe(self) -> str:
         moe = ", MoE" if self.cfg.use_moe else ""
         random = " (random init: demo only)" if "random" in self.vision_name else ""
-        return (f"{self.name} · {self.model.num_parameters() / 1e6:.1f}M parameters (dim {self.cfg.dim}, "
-                f"{self.cfg.n_layers} layers{moe}, context {self.cfg.max_seq_len}) · vision: "
+        return (f"{self.name} · {self.num_parameters() / 1e6:.1f}M parameters (dim {self.cfg.dim}, "
+                f"{self.cfg.n_layers} layers{moe}, context {self.cfg.max_seq_len}, {self.weights} weights) · vision: "
                 f"{self.vision_name}{random} · {self.device}")
 
     # -- images -------------------------------------------------------------------------------------------
 
     def encode(self, images) -> torch.Tensor:
-        """(n, 50, 768) CPU features for a list of RGB PIL images.
-
-        Requests that arrive together are encoded together: each call queues its pixels, and whichever call
-        next holds the engine's lock encodes everything queued in one batch (8 images take ~5 ViT-B/32
-        passes' time instead of 8 on CPU). Only where that leaves each image's features unchanged: with fp32
-        on CPU (row_block > 1) a batch would round differently, so each call encodes its own images."""
-        job = {"pixels": pixels_of(images), "done": threading.Event()}  # outside the lock: answers go on
-        if self.row_block > 1:
-            with self.lock:
-                return encode_images(self.vision, job["pixels"], self.autocast).cpu()
-        with self._encode_lock:
-            self._encode_queue.append(job)
-        with self.lock:
-            with self._encode_lock:
-                jobs, self._encode_queue = self._encode_queue, []
-            if jobs:  # else an earlier holder of the lock has encoded ours
-                try:
-                    feats = encode_images(self.vision, torch.cat([j["pixels"] for j in jobs]), self.autocast).cpu()
-                    for j, f in zip(jobs, feats.split([len(j["pixels"]) for j in jobs])):
-                        j["features"] = f
-                except Exception as ex:  # every waiting caller sees the failure
-                    for j in jobs:
-                        j["error"] = ex
-                for j in jobs:
-                    j["done"].set()
-        job["done"].wait()
-        if "error" in job:
-            raise job["error"]
-        return job["features"]
+        """(n, 50, 768) CPU features for a list of RGB PIL images, encoded by whichever thread runs the engine's
+        steps (this one, or the server's main thread: see the module docstring). The pixels are made here, in
+        numpy. Requests that arrive together are encoded in one batch where that leaves each image's features
+        unchanged on this machine (8 images take ~5 ViT-B/32 passes' time instead of 8 on CPU)."""
+        job = _EncodeJob(np.stack([clip_pixels(im) for im in images]))
+        self._scheduler.submit_encode(job)
+        self._scheduler.wait_for(lambda: job.done)
+        if job.error is not None:
+            raise job.error
+        return job.features
 
     def image_features(self, pixels, keys=None, cache=None) -> torch.Tensor:
-        """(n, 50, 768) features for preprocessed (n, 3, 224, 224) pixels; through `cache` when it and the
-        images' cache keys are given."""
+        """(n, 50, 768) features for preprocessed (n, 3, 224, 224) pixels, on the calling thread (batch
+        evaluation); through `cache` when it and the images' cache keys are given."""
         if cache is None or keys is None:
             return encode_images(self.vision, pixels, self.autocast)
         return cached_features(self.vision, keys, cache, keys, pixels, self.autocast)
@@ -316,7 +323,7 @@ class ChatEngine:
             raise InputError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
-        if self._scheduler is not None and self._scheduler.queued() >= self.max_batch + self.max_waiting:
+        if self._scheduler.queued() >= self.max_batch + self.max_waiting:
             raise Busy(f"the server is busy: {self.max_batch} answers are being written and {self.max_waiting} "
                        "more are waiting; try again in a moment")
         sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
@@ -341,36 +348,50 @@ class ChatEngine:
 
 
 def fuse_projections(model):
-    """Per layer, (wqkv, w13): q/k/v stacked into one (q+k+v, dim) matrix and w1/w3 into one (2*hidden, dim)
-    matrix, so a decoding step runs 4 weight products a layer instead of 7 (at one token a row, each product
+    """Per layer, (wqkv, w13): q/k/v stacked into one (q+k+v, dim) product and w1/w3 into one (2*hidden, dim)
+    product, so a decoding step runs 4 weight products a layer instead of 7 (at one token a row, each product
     costs about as much in fixed overhead as in arithmetic). The layer's own wq/wk/wv/w1/w3 weights become
-    views of these matrices: no memory is added and the state dict keeps upstream's names. w13 is None for a
-    MoE layer (its experts are run as they are)."""
+    views of the fused matrices: no memory is added and the state dict keeps upstream's names. w13 is None for
+    a MoE layer (its experts are run as they are)."""
     fused = []
     with torch.no_grad():
         for layer in model.layers:
             att, ff = layer.attention, layer.feed_forward
-            mats = [(att.wq, att.wk, att.wv)] + ([(ff.w1, ff.w3)] if isinstance(ff, FeedForward) else [])
-            pair = []
-            for linears in mats:
-                whole = torch.cat([lin.weight for lin in linears])
-                start = 0
-                for lin in linears:
-                    n = lin.weight.shape[0]
-                    lin.weight.data = whole[start:start + n]
-                    start += n
-                pair.append(whole)
+            groups = [(att.wq, att.wk, att.wv)] + ([(ff.w1, ff.w3)] if isinstance(ff, FeedForward) else [])
+            pair = [stack_linears(g) for g in groups]
             fused.append((pair[0], pair[1] if len(pair) > 1 else None))
     return fused
 
 
+def stack_linears(linears):
+    """One bias-free linear module computing `linears` side by side; each of them then reads its rows of it."""
+    if isinstance(linears[0], Int8Linear):
+        whole = Int8Linear.stacked(linears)
+        tensors = [("qweight", whole.qweight), ("scale", whole.scale)]
+    else:
+        whole = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=False,
+                          device="meta")  # no throw-away init: its weight is the stacked matrices
+        whole.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
+        tensors = [("weight", whole.weight)]
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        for name, t in tensors:
+            if name == "weight":
+                lin.weight.data = t[start:start + n]
+            else:
+                setattr(lin, name, t[start:start + n])
+        start += n
+    return whole
+
+
 class _Request:
-    """One Generation inside the scheduler: its ids, KV cache and random generator. The scheduler puts token
-    ids on `out`, then None (the end, finish_reason set) or an exception; the consumer sets `cancelled`."""
+    """One Generation inside the scheduler: its ids, KV cache and random generator. The scheduler appends token
+    ids to `out`, then None (the end, finish_reason set) or an exception; the consumer sets `cancelled`."""
 
     def __init__(self, generation):
         self.gen = generation
-        self.out = queue.Queue()
+        self.out = collections.deque()
         self.cancelled = self.submitted = False
         self.finish_reason = None
         self.ids = self.cache = self.generator = None
@@ -378,48 +399,48 @@ class _Request:
 
     def finish(self, reason):
         self.finish_reason = reason
-        self.out.put(None)
+        self.out.append(None)
 
 
-_SCHEDULERS = weakref.WeakSet()  # every live scheduler, stopped at interpreter exit
+class _EncodeJob:
+    """Images waiting to be encoded: (n, 3, 224, 224) numpy pixels in, (n, 50, 768) CPU features out."""
 
-
-@atexit.register
-def _stop_schedulers():
-    for scheduler in list(_SCHEDULERS):
-        scheduler.stop()
+    def __init__(self, pixels):
+        self.pixels, self.features, self.error, self.done = pixels, None, None, False
 
 
 class Scheduler:
-    """The continuous-batching thread of one ChatEngine. Each turn of its loop: admit waiting requests while
-    fewer than max_batch decode (prefilled, which also samples each one's first token), then run one decoding
-    step over every active request. Requests that finished or were cancelled leave between steps."""
+    """Continuous batching for one ChatEngine, with no thread of its own. Each turn (run_once): encode the
+    images waiting, admit waiting requests while fewer than max_batch decode (prefilled, which also samples each
+    one's first token), then run one decoding step over every active request. Requests that finished or were
+    cancelled leave between steps.
+
+    Who runs the turns: the thread in serve_forever (a server's main thread) when there is one; otherwise any
+    thread waiting in wait_for (for its next token, or its images' features) runs them while no other thread
+    does. Either way one thread at a time, and the others wait on `cond`."""
 
     def __init__(self, engine):
-        self._engine = weakref.ref(engine)  # the thread ends once its engine is gone (see _loop)
+        self.engine = engine
         self.cond = threading.Condition()
         self.waiting = collections.deque()
         self.active = []
+        self.encodes = []  # _EncodeJobs not yet encoded
+        self.driver = None  # the thread running a turn now
+        self.resident = None  # the thread in serve_forever, if any
+        self.stopping = False
         self.steps = 0  # decoding steps run
         self.most_active = 0  # the largest batch a step has run
         self.cancelled = 0  # requests dropped because their consumer went away
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="minimind-scheduler", daemon=True)
-        self.thread.start()
-        _SCHEDULERS.add(self)
-
-    def stop(self, timeout=10.0):
-        """End the thread once the current step is done (at interpreter exit: a thread still inside torch
-        while the process tears torch down aborts it with 'terminate called without an active exception')."""
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-        self.thread.join(timeout)
 
     def submit(self, request):
         with self.cond:
             self.waiting.append(request)
-            self.cond.notify()
+            self.cond.notify_all()
+
+    def submit_encode(self, job):
+        with self.cond:
+            self.encodes.append(job)
+            self.cond.notify_all()
 
     def queued(self) -> int:
         """Requests decoding or waiting (not cancelled)."""
@@ -432,32 +453,75 @@ class Scheduler:
             return {"active": sum(not r.cancelled for r in self.active),
                     "waiting": sum(not r.cancelled for r in self.waiting)}
 
-    @property
-    def engine(self):
-        return self._engine()
+    def _has_work(self) -> bool:
+        return bool(self.active or self.waiting or self.encodes)
 
-    def _loop(self):
-        while True:
-            with self.cond:
-                while not self.active and not self.waiting:
-                    if self.engine is None or self.stopping:  # nothing can submit any more
+    def wait_for(self, ready):
+        """Return once ready() is true (it is called with `cond` held). Meanwhile run the engine's turns on this
+        thread whenever no other thread runs them and no thread serves them for good; else wait."""
+        me = threading.current_thread()
+        with self.cond:
+            while not ready():
+                if self.driver is None and self.resident in (None, me) and self._has_work():
+                    self._turn(me)
+                else:
+                    self.cond.wait()
+
+    def _turn(self, me):
+        """run_once on this thread (called and returning with `cond` held)."""
+        self.driver = me
+        self.cond.release()
+        try:
+            self.run_once()
+        finally:
+            self.cond.acquire()
+            self.driver = None
+            self.cond.notify_all()
+
+    def serve_forever(self):
+        """Run the engine's turns on this thread (a server's main thread) until stop() is called; the threads
+        that submit requests then only wait. KeyboardInterrupt ends it too."""
+        me = threading.current_thread()
+        with self.cond:
+            if self.resident is not None:
+                raise RuntimeError(f"the engine is already served by {self.resident.name}")
+            self.resident, self.stopping = me, False
+            try:
+                while True:
+                    while not self.stopping and (self.driver is not None or not self._has_work()):
+                        self.cond.wait()
+                    if self.stopping:
                         return
-                    self.cond.wait(timeout=1.0)
-                if self.stopping:
-                    return
-                admitted = []
-                while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
-                    r = self.waiting.popleft()
-                    if not self._dropped(r):
-                        admitted.append(r)
-            joined = [r for group in self._prefill_groups(admitted) for r in self._prefill(group)]
-            with self.cond:
-                self.active = [r for r in self.active + joined if not self._dropped(r)]
-                rows = list(self.active)
-            if rows:
-                self.decode_step(rows)
-                with self.cond:  # finished and cancelled requests leave; their slots are free
-                    self.active = [r for r in self.active if r.finish_reason is None and not self._dropped(r)]
+                    self._turn(me)
+            finally:
+                self.resident = None
+                self.cond.notify_all()  # waiting consumers run the turns themselves from now on
+
+    def stop(self):
+        """End serve_forever after its current turn."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def run_once(self):
+        """One turn: pending image encodes, then admissions (prefills), then one decoding step."""
+        with self.cond:
+            jobs, self.encodes = self.encodes, []
+            admitted = []
+            while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
+                r = self.waiting.popleft()
+                if not self._dropped(r):
+                    admitted.append(r)
+        if jobs:
+            self._encode(jobs)
+        joined = [r for group in self._prefill_groups(admitted) for r in self._prefill(group)]
+        with self.cond:
+            self.active = [r for r in self.active + joined if not self._dropped(r)]
+            rows = list(self.active)
+        if rows:
+            self.decode_step(rows)
+            with self.cond:  # finished and cancelled requests leave; their slots are free
+                self.active = [r for r in self.active if r.finish_reason is None and not self._dropped(r)]
 
     def _dropped(self, r) -> bool:
         """True for a request whose consumer went away; the first time before its end, it is counted and
@@ -466,6 +530,29 @@ class Scheduler:
             self.cancelled += 1
             r.finish("cancelled")
         return r.cancelled
+
+    def _encode(self, jobs):
+        """Encode the jobs' images: several jobs in one pass where this machine's kernels give each image the
+        same features in a batch as alone (asked once, for up to ENCODE_BATCH images), else one job at a time."""
+        e = self.engine
+        encode = lambda pixels: encode_images(e.vision, pixels, e.autocast).cpu()  # noqa: E731
+        if len(jobs) > 1 and e.encode_batch is None:
+            e.encode_batch = ENCODE_BATCH if encodes_alike(encode, ENCODE_BATCH) else 1
+        batches = [[]]
+        for j in jobs:  # a job's own images always share a pass
+            if batches[-1] and sum(len(b.pixels) for b in batches[-1]) + len(j.pixels) > (e.encode_batch or 1):
+                batches.append([])
+            batches[-1].append(j)
+        for batch in batches:
+            try:
+                feats = encode(torch.from_numpy(np.concatenate([j.pixels for j in batch])))
+                for j, f in zip(batch, feats.split([len(j.pixels) for j in batch])):
+                    j.features = f
+            except Exception as ex:  # each waiting caller sees the failure
+                for j in batch:
+                    j.error = ex
+            for j in batch:
+                j.done = True
 
     def _emit(self, r, logits) -> bool:
         """Sample r's next token from its (1, V) logits and hand it over; False when r is done."""
@@ -476,7 +563,7 @@ class Scheduler:
         if t == self.engine.tokenizer.eos_token_id:
             r.finish("stop")
             return False
-        r.out.put(t)
+        r.out.append(t)
         r.ids[0, r.n] = t
         r.n += 1
         if r.n == r.ids.shape[1]:
@@ -485,15 +572,20 @@ class Scheduler:
         return True
 
     def _prefill_groups(self, admitted):
-        """The admitted requests in prefill groups: where kernels round each row alike (row_block 1), prompts
-        of the same length are prefilled in one forward pass (on CPU, 8 prompts cost ~5 prompts' time) and
-        each still gets exactly its solo result; otherwise every prompt alone."""
-        if self.engine.row_block > 1:
-            return [[r] for r in admitted]
-        groups = {}
+        """The admitted requests in prefill groups: where this machine's kernels give each row its solo result
+        (engine.prefill_rows), prompts of the same length share one forward pass (on CPU, 8 prompts cost ~5
+        prompts' time), up to prefill_rows rows; otherwise every prompt alone."""
+        limit = self.engine.prefill_rows
+        groups = []
+        by_length = {}
         for r in admitted:
-            groups.setdefault(len(r.gen.ids), []).append(r)
-        return list(groups.values())
+            T = len(r.gen.ids)
+            group = by_length.get(T)
+            if group is None or (len(group) + 1) * T > limit:
+                group = by_length[T] = []
+                groups.append(group)
+            group.append(r)
+        return groups
 
     def _prefill(self, group) -> list:
         """Run a group's prompts (all of one length) through the model's forward pass, fill each request's own
@@ -518,7 +610,7 @@ class Scheduler:
                 r.n = T
             feats = [None if r.gen.image_features is None else r.gen.image_features.to(e.device) for r in group]
             ids = torch.cat([r.ids[:, :T] for r in group])
-            with e.lock, torch.inference_mode():
+            with torch.inference_mode():
                 if len(group) == 1:
                     logits = e.model(ids, feats, past_key_values=group[0].cache).logits[:, -1, :]
                 else:  # one pass over all rows, then each row's keys/values into its own cache
@@ -533,7 +625,7 @@ class Scheduler:
             for r in group:
                 if r.finish_reason is None:
                     r.finish_reason = "error"
-                    r.out.put(ex)
+                    r.out.append(ex)
             return []
         return going
 
@@ -543,7 +635,7 @@ class Scheduler:
         self.steps += 1
         self.most_active = max(self.most_active, len(rows))
         try:
-            with self.engine.lock, torch.inference_mode():
+            with torch.inference_mode():
                 logits = self.step_logits(rows)
                 for b, r in enumerate(rows):
                     if not r.cancelled:
@@ -552,24 +644,26 @@ class Scheduler:
             for r in rows:
                 if r.finish_reason is None:
                     r.finish_reason = "error"
-                    r.out.put(ex)
+                    r.out.append(ex)
 
     def step_logits(self, rows):
         """(B, vocab) logits of each row's last token, written into its KV cache: MiniMindVLM.forward's
         arithmetic for one new position, with the weight products run on all rows at once (padded to a
-        multiple of row_block) and the attention run per row over its own cache."""
+        multiple of row_block) or one row at a time (row_block None), and the attention run per row over its
+        own cache."""
         e = self.engine
         m = e.model
         B = len(rows)
-        P = -(-B // e.row_block) * e.row_block
+        P = B if e.row_block is None else -(-B // e.row_block) * e.row_block
         tokens = torch.cat([r.ids[:, r.n - 1:r.n] for r in rows] + [rows[0].ids[:, :1]] * (P - B))
         pos = torch.tensor([r.cache.length for r in rows] + [0] * (P - B), device=e.device)
+        product = _products(e.row_block is None)
         h = m.tok_embeddings(tokens)  # (P, 1, dim)
-        cos, sin = m.rope_cos[pos][:, None, :], m.rope_sin[pos][:, None, :]  # (P, 1, head_dim / 2)
+        cos, sin = m.rope_cos[pos][:, None, :], m.rope_sin[pos][:, None, :]  # (P, 1, head_dim)
         for layer, (wqkv, w13) in zip(m.layers, e.fused):
             att = layer.attention
             hd, nq, nkv = att.head_dim, att.n_heads, att.n_kv_heads
-            qkv = F.linear(layer.attention_norm(h), wqkv)
+            qkv = product(wqkv, layer.attention_norm(h))
             qk = apply_rope(qkv[..., :(nq + nkv) * hd].view(P, 1, nq + nkv, hd), cos, sin)  # q and k at once
             q, k = qk[:, :, :nq].to(e.kv_dtype), qk[:, :, nq:]
             v = qkv[..., (nq + nkv) * hd:].view(P, 1, nkv, hd)
@@ -579,13 +673,21 @@ class Scheduler:
                 ys.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), kb.transpose(1, 2),
                                                          vb.transpose(1, 2), enable_gqa=nq != nkv))
             ys += [ys[0]] * (P - B)  # padding rows: any value, their results are dropped
-            h = h + att.wo(torch.cat(ys).transpose(1, 2).reshape(P, 1, nq * hd).to(h.dtype))
+            y = ys[0] if P == 1 else torch.cat(ys)
+            h = h + product(att.wo, y.transpose(1, 2).reshape(P, 1, nq * hd).to(h.dtype))
             x = layer.ffn_norm(h)
             if w13 is None:  # MoE
                 h = h + layer.feed_forward(x)
             else:
-                a, b = F.linear(x, w13).chunk(2, dim=-1)
-                h = h + layer.feed_forward.w2(F.silu(a) * b)
+                a, b = product(w13, x).chunk(2, dim=-1)
+                h = h + product(layer.feed_forward.w2, F.silu(a) * b)
         for r in rows:
             r.cache.advance(1)
-        return m.output(m.norm(h))[:B, -1, :]
+        return product(m.output, m.norm(h))[:B, -1, :]
+
+
+def _products(one_row_each: bool):
+    """How a decoding step applies a linear module to its (P, 1, d) rows: in one call, or one call per row."""
+    if not one_row_each:
+        return lambda linear, x: linear(x)
+    return lambda linear, x: linear(x) if x.shape[0] == 1 else torch.cat([linear(row) for row in x.split(1)])
