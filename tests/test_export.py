@@ -1,4 +1,5 @@
-"""export_model.py: a directory that transformers' Auto classes load (trust_remote_code).
+"""export_model.py --format minimind: a directory that transformers' Auto classes load with trust_remote_code
+(the stock LLaVA and Llama formats are tests/test_hf_stock.py's).
 
 AutoModelForCausalLM.from_pretrained on it gives exactly the checkpoint's logits; its chat, transformers' own
 generate (greedy, sampling, beams, streamers), AutoProcessor and the image-text-to-text pipeline answer about
@@ -22,7 +23,8 @@ from tests.test_train_e2e import ENV, run
 def exported(served_model, random_tower, tmp_path_factory):
     ckpt, _ = served_model
     out = tmp_path_factory.mktemp("export") / "minimind-v"
-    run(sys.executable, "export_model.py", "--ckpt", ckpt, "--out", out, "--vision_model", random_tower)
+    run(sys.executable, "export_model.py", "--ckpt", ckpt, "--out", out, "--vision_model", random_tower,
+        "--format", "minimind")
     return out
 
 
