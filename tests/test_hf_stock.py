@@ -11,6 +11,7 @@ and LLaVA settings MiniMind-V cannot represent are refused with a message saying
 """
 import json
 import os
+import runpy
 import sys
 
 import pytest
@@ -22,6 +23,7 @@ from model.engine import ChatEngine
 from model.hf_formats import IMAGE_TOKEN, PROJECTOR_FILE
 from model.tokenizer import build_prompt
 from model.vision import pixels_of
+from tests.conftest import ROOT
 from tests.served_model import COLOURS, FOLLOW_UP, QUESTION, colour_image
 from tests.test_train_e2e import run
 
@@ -289,3 +291,19 @@ def test_what_stock_formats_cannot_hold_is_refused(tiny_cfg, llava, random_tower
         os.symlink(llava / "model.safetensors", bad / "model.safetensors")
         with pytest.raises(CheckpointError, match=says):
             load_vlm(str(bad), tokenizer)
+
+
+def test_eval_export_script_compares_pipeline_and_engine(llava, served_model, random_tower, tmp_path, capsys):
+    """scripts/eval_export.py: held-out accuracy through the pipeline next to the engine's (the closing figure
+    of the demo model), here on the served model's colour pictures."""
+    _, images = served_model
+    data = tmp_path / "eval_color.jsonl"
+    data.write_text("".join(json.dumps({"id": c, "image": f"{c}_{i}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": c}]}) + "\n"
+        for c in COLOURS for i in (0, 5)))
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "eval_export.py"))["main"]
+    [result] = main(["--export", str(llava), "--ckpt", served_model[0], "--vision_model", str(random_tower),
+                     "--data_path", str(data), "--images_dir", images, "--batch_size", "4"])
+    assert result["n"] == 6 and result["agree"] == 1.0
+    assert result["pipeline"] == result["engine"] == {"exact": 1.0, "contains": 1.0}
+    assert "| eval_color.jsonl | 6 | 100.0% | 100.0% | 100.0% |" in capsys.readouterr().out
