@@ -68,13 +68,14 @@ out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 pipe = pipeline("image-text-to-text", model="{path}")
 messages[0]["content"][0]["image"] = image
-print(pipe(text=messages, max_new_tokens=64, do_sample=False)[0]["generated_text"][-1]["content"])
+reply = pipe(text=messages, max_new_tokens=64, generate_kwargs={{"do_sample": False}})
+print(reply[0]["generated_text"][-1]["content"])
 ```
 
 Each image is 50 `<image>` tokens (id {image_id}, added after MiniMind's vocabulary: every CLIP token of the
 last layer, CLS included); its embedding row is zeros and `generation_config.json` suppresses it. The
-processor's pixels are the training pixels with the PIL backend (`AutoProcessor.from_pretrained(...,
-backend="pil")`; torchvision's resize rounds differently).
+processor gives the pixels the model was trained on with transformers' PIL backend (where torchvision is
+installed, pass `backend="pil"` to `AutoProcessor.from_pretrained`: torchvision's bicubic resize differs a little).
 """
 LLAMA_CARD = """
 The text decoder alone as a stock `LlamaForCausalLM` (for text; the vision side is in the LLaVA export). The
@@ -110,7 +111,8 @@ out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 pipe = pipeline("image-text-to-text", model="{path}", trust_remote_code=True)
 messages[0]["content"][0]["image"] = image
-print(pipe(text=messages, max_new_tokens=64, do_sample=False)[0]["generated_text"][-1]["content"])
+reply = pipe(text=messages, max_new_tokens=64, generate_kwargs={{"do_sample": False}})
+print(reply[0]["generated_text"][-1]["content"])
 ```
 
 `model.safetensors` holds the decoder under upstream MiniMind-V's parameter names, each prefixed `model.`:

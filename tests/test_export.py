@@ -127,7 +127,7 @@ def test_processor_and_pipeline(exported, tokenizer):
     pipe = pipeline("image-text-to-text", model=str(exported), trust_remote_code=True)
     chat = [{"role": "user", "content": [{"type": "image", "image": colour_image(COLOURS["red"], seed=6)},
                                          {"type": "text", "text": QUESTION}]}]
-    reply = pipe(text=chat, max_new_tokens=5, do_sample=False)
+    reply = pipe(text=chat, max_new_tokens=5, generate_kwargs={"do_sample": False})
     assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": "red"}
 
 

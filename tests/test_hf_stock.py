@@ -190,17 +190,47 @@ def test_stock_generate_modes_and_the_image_token_is_never_generated(stock):
             embedding[IMAGE_ID] = 0
 
 
+def card_snippet(directory, **replace):
+    """The model card's python block, with `replace`'s substitutions (each must occur once)."""
+    code = (directory / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    for old, new in replace.items():
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    return code
+
+
+def test_model_card_snippet_runs(llava):
+    """The export's README.md is a model card whose snippet (stock classes, no trust_remote_code) runs and
+    answers."""
+    card = (llava / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text")
+    assert "trust_remote_code=True" not in card and f'from_pretrained("{llava}")' in card
+    printed = []
+    exec(card_snippet(llava, **{'Image.open("cat.jpg")': "colour_image(COLOURS['red'], seed=30)"}),
+         {"colour_image": colour_image, "COLOURS": COLOURS, "print": printed.append})
+    assert printed == ["red", "red"]  # generate, then the pipeline
+
+
 def test_pipeline_names_the_colours_as_the_engine_does(llava, engine):
+    """pipeline("image-text-to-text") answers a chat with an image, and one without, as the engine does, and
+    decodes greedily when told so."""
     from transformers import pipeline
     pipe = pipeline("image-text-to-text", model=str(llava), trust_remote_code=False)
-    for name, rgb in COLOURS.items():
-        image = colour_image(rgb, seed=20)
-        reply = pipe(text=[{"role": "user", "content": [{"type": "image", "image": image},
-                                                         {"type": "text", "text": QUESTION}]}],
-                     max_new_tokens=5, do_sample=False)
-        ids = engine.prepare([{"role": "user", "content": f"<image>\n{QUESTION}"}], 1)
-        ours = engine.answer_batch([ids], [engine.encode([image])], max_new_tokens=5)[0]
-        assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": ours} and ours == name
+    calls, generate = [], pipe.model.generate
+    pipe.model.generate = lambda *a, **kw: calls.append(kw) or generate(*a, **kw)
+    for name, rgb in [*COLOURS.items(), (None, None)]:
+        image = colour_image(rgb, seed=20) if rgb else None
+        stock_chat, ours, images = chat(("user", QUESTION if image else "Tell me a story.", [image] if image else []))
+        if image:
+            stock_chat[0]["content"][0]["image"] = image
+        # do_sample in generate_kwargs (beside max_new_tokens it would reach only the processor), a new dict each
+        # call (the pipeline adds max_new_tokens to it)
+        reply = pipe(text=stock_chat, max_new_tokens=8, generate_kwargs={"do_sample": False})
+        want = engine.answer_batch([engine.prepare(ours, len(images))], [engine.encode(images) if images else None],
+                                   max_new_tokens=8)[0]
+        assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": want}
+        assert want == name or name is None
+    assert len(calls) == 4 and all(c["do_sample"] is False and c["max_new_tokens"] == 8 for c in calls)
 
 
 def test_llama_export_is_the_decoder(served_model, random_tower, engine, tokenizer, tmp_path):
@@ -221,6 +251,11 @@ def test_llama_export_is_the_decoder(served_model, random_tower, engine, tokeniz
     ids = torch.cat([ids, torch.randint(3, 6400, ids.shape)])  # the chat prompt, and random text
     with torch.no_grad():
         assert relative_error(model(ids).logits, engine.model(ids).logits) < 1e-5
+
+    printed = []
+    exec(card_snippet(out), {"print": printed.append})  # the model card's snippet
+    assert len(printed) == 1 and isinstance(printed[0], str)
+    assert f"convert_hf_to_gguf.py {out} " in (out / "README.md").read_text()
 
     want = read_state_dict(served_model[0])
     back, _ = load_vlm(str(out), tokenizer)
@@ -303,7 +338,8 @@ def test_eval_export_script_compares_pipeline_and_engine(llava, served_model, ra
         for c in COLOURS for i in (0, 5)))
     main = runpy.run_path(os.path.join(ROOT, "scripts", "eval_export.py"))["main"]
     [result] = main(["--export", str(llava), "--ckpt", served_model[0], "--vision_model", str(random_tower),
-                     "--data_path", str(data), "--images_dir", images, "--batch_size", "4"])
+                     "--data_path", str(data), "--images_dir", images, "--batch_size", "4",
+                     "--pipeline_batch_size", "2"])
     assert result["n"] == 6 and result["agree"] == 1.0
     assert result["pipeline"] == result["engine"] == {"exact": 1.0, "contains": 1.0}
     assert "| eval_color.jsonl | 6 | 100.0% | 100.0% | 100.0% |" in capsys.readouterr().out
