@@ -32,7 +32,9 @@ def parse_args(argv=None):
     a("--data_path", nargs="+", required=True, help="LLaVA-format JSONL file(s) whose last answer is the reference")
     a("--images_dir", default=".", help="directory the records' image paths are relative to")
     a("--max_new_tokens", type=int, default=8, help="longest answer, in tokens")
-    a("--batch_size", type=int, default=16, help="prompts answered together (both sides)")
+    a("--batch_size", type=int, default=16, help="prompts the engine answers together (its answers do not depend on it)")
+    a("--pipeline_batch_size", type=int, default=1, help="chats the pipeline answers together (left-padded: fp32 "
+      "rounding may then differ a little from a chat alone)")
     a("--limit", type=int, default=0, help="only the first N records of each file (0: all)")
     a("--device", default="cpu", help="where both run (fp32)")
     return p.parse_args(argv)
@@ -71,7 +73,9 @@ def evaluate(args, path, pipe, engine):
             chats.append(pipeline_chat(messages[:-1], images))
             prompts.append(engine.prepare(messages[:-1], len(images)))
             feats.append(engine.encode(images) if images else None)
-        replies = pipe(text=chats, max_new_tokens=args.max_new_tokens, do_sample=False, batch_size=len(chats))
+        # do_sample goes in generate_kwargs: beside max_new_tokens the pipeline would hand it to the processor
+        replies = pipe(text=chats, max_new_tokens=args.max_new_tokens, generate_kwargs={"do_sample": False},
+                       batch_size=args.pipeline_batch_size)
         theirs += [r[0]["generated_text"][-1]["content"].strip() if isinstance(r, list) else
                    r["generated_text"][-1]["content"].strip() for r in replies]
         ours += engine.answer_batch(prompts, feats, max_new_tokens=args.max_new_tokens, temperature=0)
