@@ -100,7 +100,8 @@ def test_llava_export_is_stock_and_gives_the_checkpoints_logits(llava, stock, en
             want = engine.model(ids, [engine.encode(images)] if pics else None).logits
         assert got.shape[-1] == 6401
         assert relative_error(got[..., :6400], want) < 1e-5, len(pics)
-    again = LlavaForConditionalGeneration.from_pretrained(str(llava))
+    again, info = LlavaForConditionalGeneration.from_pretrained(str(llava), output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
 
 
@@ -241,7 +242,8 @@ def test_llama_export_is_the_decoder(served_model, random_tower, engine, tokeniz
     out = tmp_path / "llama"
     run(sys.executable, "export_model.py", "--ckpt", served_model[0], "--out", out, "--format", "llama")
     assert not list(out.rglob("*.py"))
-    model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False, output_loading_info=True)
+    assert not any(info.values()), info
     hf_tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert type(model) is LlamaForCausalLM and model.config.vocab_size == 6400
     messages = [{"role": "user", "content": "Hello, who are you?"}]
