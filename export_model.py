@@ -205,9 +205,8 @@ def write_llava(model, cfg, tokenizer_dir, vision_model, out, card):
     tower = load_vision_model(vision_model)
     tokenizer = stock_tokenizer(tokenizer_dir, image_token=True)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision_config = CLIPVisionConfig(**asdict(tower.config))
-    if (vision_config.image_size // vision_config.patch_size) ** 2 + 1 != N_IMAGE_TOKENS:
-        raise ValueError(f"{vision_model}: a tower that does not give {N_IMAGE_TOKENS} tokens per image")
+    tensors = to_llava(model.state_dict(), cfg, tower.state_dict(), image_id)  # (refuses an <image> id elsewhere)
+    vision_config = CLIPVisionConfig(**asdict(tower.config))  # load_vision_model checked: 50 tokens an image
     text_config = LlamaConfig(**llama_config_fields(cfg, image_id + 1, tokenizer.bos_token_id,
                                                     tokenizer.eos_token_id, tokenizer.pad_token_id))
     config = LlavaConfig(vision_config=vision_config, text_config=text_config,
@@ -215,7 +214,7 @@ def write_llava(model, cfg, tokenizer_dir, vision_model, out, card):
     config.architectures = ["LlavaForConditionalGeneration"]
     config.dtype = "float32"
     config.save_pretrained(out)
-    save_weights(to_llava(model.state_dict(), cfg, tower.state_dict(), image_id), out / "model.safetensors")
+    save_weights(tensors, out / "model.safetensors")
     generation_config(tokenizer, suppress_tokens=[image_id]).save_pretrained(out)
     # CLIP's preprocessing with the PIL backend: the pixels model/images.py gives, bit for bit
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
