@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .hf_formats import PROJECTOR_FILE, StockFormatError, from_llama, from_llava, is_llava_tower_key
 from .LMConfig import LMConfig
 from .model import MiniMindVLM
 from .tokenizer import image_token_ids
@@ -97,10 +98,7 @@ def read_state_dict(path, dtype=None) -> dict:
     in `dtype` if given."""
     path = str(path)
     if os.path.isdir(path):  # a directory written by export_model.py
-        inner = os.path.join(path, "model.safetensors")
-        if not os.path.isfile(inner):
-            raise CheckpointError(f"{path} is a directory without model.safetensors (not an export_model.py export)")
-        return {k[len("model."):] if k.startswith("model.") else k: v for k, v in read_state_dict(inner, dtype).items()}
+        return read_export(path, dtype)[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -120,6 +118,69 @@ def read_state_dict(path, dtype=None) -> dict:
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     # torch.compile and DDP wrappers prefix every key; the weights are the same.
     return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in sd.items()}
+
+
+def read_export(path, dtype=None):
+    """(state dict under MiniMind-V's names, LMConfig fields) of a directory export_model.py wrote, in any
+    --format, or that transformers saved from one (a LLaVA or Llama model fine-tuned elsewhere comes home): the
+    stock formats converted back by hf_formats (their fields carry no image_ids: the tokenizer gives them)."""
+    path = Path(path)
+    config = _read_json(path / "config.json", f"{path} is a directory without config.json (not an export_model.py "
+                        "export)")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in ("minimind_v", "llava", "llama"):
+        raise CheckpointError(f"{path / 'config.json'}: model_type {kind!r} is none of the formats export_model.py "
+                              "writes (llava, llama, minimind_v)")
+    keep = (lambda k: not is_llava_tower_key(k)) if kind == "llava" else None  # --vision_model's is used
+    tensors = _read_weights_dir(path, dtype, keep)
+    try:
+        if kind == "minimind_v":
+            if not isinstance(config.get("lm_config"), dict):
+                raise CheckpointError(f"{path / 'config.json'} has no lm_config (MiniMind-V's settings)")
+            return {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}, \
+                config["lm_config"]
+        if kind == "llava":
+            return from_llava(config, tensors, str(path))
+        projector = path / PROJECTOR_FILE
+        return from_llama(config, tensors, str(path), read_state_dict(projector, dtype)
+                          if projector.is_file() else None)
+    except StockFormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _read_json(path, missing_message):
+    if not Path(path).is_file():
+        raise CheckpointError(missing_message)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_weights_dir(path: Path, dtype=None, keep=None) -> dict:
+    """The tensors of a transformers directory: model.safetensors, or the shards model.safetensors.index.json
+    lists."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path} is a directory without model.safetensors (not an export_model.py export)")
+    tensors = {}
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} (listed in {index}) does not exist")
+        try:
+            tensors.update(read_safetensors(f, dtype, keep))
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read {f} (truncated, damaged or not safetensors): "
+                                  f"{type(e).__name__}: {e}") from None
+    return tensors
 
 
 def load_strict(model, state_dict, allow_missing=(), where="checkpoint", assign=False):
@@ -212,12 +273,15 @@ def infer_config(state_dict, image_ids) -> LMConfig:
 
 
 def _config(path, key) -> LMConfig:
-    """The LMConfig under `key` in a JSON file (a sidecar or an export's config.json), or CheckpointError
-    naming the file."""
+    """The LMConfig under `key` in a JSON file (a sidecar), or CheckpointError naming the file."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))[key]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from None
+    return _lm_config(d, path)
+
+
+def _lm_config(d: dict, path) -> LMConfig:
     try:
         return LMConfig.from_dict(d)
     except (TypeError, ValueError) as e:  # unknown fields or impossible values
@@ -226,20 +290,23 @@ def _config(path, key) -> LMConfig:
 
 def load_vlm(ckpt_path, tokenizer, device="cpu", dtype=torch.float32):
     """A MiniMindVLM, its weights in `dtype`, from a .safetensors/.pth checkpoint (config from its sidecar
-    JSON, else inferred from tensor shapes) or from a directory written by export_model.py. The model is built
-    on the meta device and takes the file's tensors as its weights: no random init, no second copy."""
-    sd = read_state_dict(ckpt_path, dtype)
+    JSON, else inferred from tensor shapes) or from a directory written by export_model.py in any --format (a
+    stock LLaVA or Llama one takes its placeholder ids from `tokenizer`). The model is built on the meta device
+    and takes the file's tensors as its weights: no random init, no second copy."""
     image_ids = image_token_ids(tokenizer)
-    if Path(ckpt_path).is_dir():  # export_model.py's directory: LMConfig inside config.json
-        cfg = _config(Path(ckpt_path) / "config.json", "lm_config")
-    elif sidecar_path(ckpt_path).is_file():
-        cfg = _config(sidecar_path(ckpt_path), "config")
-    else:  # upstream's files have no sidecar
-        try:
-            cfg = infer_config(sd, image_ids)
-        except (KeyError, IndexError, ZeroDivisionError) as e:
-            raise CheckpointError(f"{ckpt_path} has no sidecar JSON and its tensors are not a MiniMind-V model's "
-                                  f"(no {e})") from None
+    if Path(ckpt_path).is_dir():
+        sd, fields = read_export(ckpt_path, dtype)
+        cfg = _lm_config({"image_ids": image_ids, **fields}, Path(ckpt_path) / "config.json")
+    else:
+        sd = read_state_dict(ckpt_path, dtype)
+        if sidecar_path(ckpt_path).is_file():
+            cfg = _config(sidecar_path(ckpt_path), "config")
+        else:  # upstream's files have no sidecar
+            try:
+                cfg = infer_config(sd, image_ids)
+            except (KeyError, IndexError, ZeroDivisionError) as e:
+                raise CheckpointError(f"{ckpt_path} has no sidecar JSON and its tensors are not a MiniMind-V "
+                                      f"model's (no {e})") from None
     if list(cfg.image_ids) != list(image_ids):
         raise CheckpointError(f"{ckpt_path} was trained with placeholder ids {cfg.image_ids[:1]}x50, but this "
                          f"tokenizer gives {image_ids[:1]}...: use the tokenizer it was trained with")

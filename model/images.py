@@ -10,7 +10,7 @@ from PIL import Image
 IMAGE_SIZE = 224
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-PREPROCESS_VERSION = "rgb-white-exif-16bit-v3"  # part of the feature-cache fingerprint: bump when preprocessing changes
+PREPROCESS_VERSION = "rgb-white-exif-16bit-floor-v4"  # part of the feature-cache fingerprint: bump when preprocessing changes
 MAX_IMAGE_PIXELS = 4096 * 4096  # an image with more pixels is refused before decoding (decompression bombs)
 IMAGE_FORMATS = "PNG, JPEG, WebP, GIF or BMP"
 
@@ -98,12 +98,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def clip_pixels(image: Image.Image) -> np.ndarray:
     """PIL image (any mode) -> (3, 224, 224) float32 array: upright RGB (see to_rgb), shortest side to 224
-    (bicubic), centre crop, CLIP mean/std, like CLIPProcessor."""
+    (bicubic), centre crop, CLIP mean/std: the pixels of transformers' CLIPImageProcessor (PIL backend) and of
+    OpenAI's CLIP preprocessing, bit for bit. The longer side becomes floor(224 * long / short), as both compute
+    it (rounding it instead moves the crop by a pixel for e.g. 640x480)."""
     image = to_rgb(image)
     w, h = image.size
-    scale = IMAGE_SIZE / min(w, h)
     if (w, h) != (IMAGE_SIZE, IMAGE_SIZE):
-        nw, nh = max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))
+        short = min(w, h)
+        nw, nh = IMAGE_SIZE * w // short, IMAGE_SIZE * h // short
         image = image.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
         image = image.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))

@@ -13,24 +13,8 @@ prompt row.
 from transformers import BatchFeature, ProcessorMixin
 
 from .LMConfig import IMAGE_MARKER, IMAGE_PLACEHOLDER
+from .tokenizer import CHAT_TEMPLATE
 from .vision import pixels_of
-
-# tokenizer.py's chat format, with a message's content as a string or as a list of {"type": "image"} and
-# {"type": "text", "text": ...} parts; an image part becomes `<image>`, which __call__ turns into the placeholder.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- else -%}{%- set content = namespace(text='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '" + IMAGE_MARKER + "\\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
-    "{%- if message['role'] == 'system' -%}{{ '<s>system\\n' + content + '</s>\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ '<s>user\\n' + content + '</s>\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<s>assistant\\n' + content + '</s>\\n' }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<s>assistant\\n' }}{%- endif -%}")
-
 
 class MiniMindVProcessor(ProcessorMixin):
     attributes = ["tokenizer"]

@@ -61,6 +61,25 @@ def build_prompt(messages) -> str:
     return text if text.endswith(ASSISTANT_PREFIX) else text + ASSISTANT_PREFIX
 
 
+# The chat format above as a Jinja chat template, for transformers' apply_chat_template (the exports' processors and
+# tokenizers): a message's content is a string or a list of {"type": "image"} and {"type": "text", "text": ...}
+# parts; an image part becomes `<image>\n`, which the processor then expands (into the placeholder, or LLaVA's
+# image tokens).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '" + IMAGE_MARKER + "\\n' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<s>system\\n' + content + '</s>\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<s>user\\n' + content + '</s>\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<s>assistant\\n' + content + '</s>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<s>assistant\\n' }}{%- endif -%}")
+
+
 class ChatFormatError(ValueError):
     """Messages that are not (user, assistant) pairs after optional system messages."""
 

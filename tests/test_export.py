@@ -1,4 +1,5 @@
-"""export_model.py: a directory that transformers' Auto classes load (trust_remote_code).
+"""export_model.py --format minimind: a directory that transformers' Auto classes load with trust_remote_code
+(the stock LLaVA and Llama formats are tests/test_hf_stock.py's).
 
 AutoModelForCausalLM.from_pretrained on it gives exactly the checkpoint's logits; its chat, transformers' own
 generate (greedy, sampling, beams, streamers), AutoProcessor and the image-text-to-text pipeline answer about
@@ -22,7 +23,8 @@ from tests.test_train_e2e import ENV, run
 def exported(served_model, random_tower, tmp_path_factory):
     ckpt, _ = served_model
     out = tmp_path_factory.mktemp("export") / "minimind-v"
-    run(sys.executable, "export_model.py", "--ckpt", ckpt, "--out", out, "--vision_model", random_tower)
+    run(sys.executable, "export_model.py", "--ckpt", ckpt, "--out", out, "--vision_model", random_tower,
+        "--format", "minimind")
     return out
 
 
@@ -125,7 +127,7 @@ def test_processor_and_pipeline(exported, tokenizer):
     pipe = pipeline("image-text-to-text", model=str(exported), trust_remote_code=True)
     chat = [{"role": "user", "content": [{"type": "image", "image": colour_image(COLOURS["red"], seed=6)},
                                          {"type": "text", "text": QUESTION}]}]
-    reply = pipe(text=chat, max_new_tokens=5, do_sample=False)
+    reply = pipe(text=chat, max_new_tokens=5, generate_kwargs={"do_sample": False})
     assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": "red"}
 
 

@@ -173,3 +173,15 @@ def test_inference_does_not_import_transformers_modeling(tmp_path, random_tower)
     out = subprocess.run([sys.executable, "-c", code, random_tower], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "False"
+
+
+def test_preprocess_equals_transformers_clip_image_processor():
+    """Bit for bit the pixels of transformers' CLIPImageProcessor (PIL backend), whatever the aspect ratio: the
+    longer side is floored as it floors it (640x480 -> 298x224, where rounding would give 299)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    processor = CLIPImageProcessorPil()
+    rng = np.random.default_rng(0)
+    for w, h in [(224, 224), (640, 480), (480, 640), (333, 200), (97, 61), (1000, 999)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = processor(images=[img], return_tensors="np")["pixel_values"][0]
+        assert np.array_equal(preprocess_image(img).numpy(), want), (w, h)
