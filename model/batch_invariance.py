@@ -14,8 +14,8 @@ Each of these is checked here on random rows, for the model's own matrices, on t
                      rows, up to max_rows padded, gives each row the bits it gets in a call of R rows, wherever it
                      sits (the step pads its batch to a multiple of R); None when no R does (each row then
                      gets its own call: one row per call is trivially independent of the others)
-  rows_alike         the same question for a list of row counts (prefills of several prompts in one pass,
-                     image encodes in one batch)
+  shared_prefill_rows  whether prompts may share a prefill pass, and up to how many rows
+  encode_pass        whether requests' images may share an encode pass, and of what size
 A kernel's choice depends on the shapes, dtypes and row count, not on the values, so random rows answer it.
 """
 import torch
@@ -68,6 +68,14 @@ def shared_prefill_rows(linears, dtype, device="cpu", row_counts=PREFILL_ROW_COU
     return max(row_counts) if ok else 0
 
 
-def encodes_alike(encode, n_images: int) -> bool:
-    """True when encode((n, 3, 224, 224) pixels) gives each image the same features in batches of 1..n_images."""
-    return rows_alike(encode, random_rows(n_images, 3, 224, 224), list(range(1, n_images + 1)))
+def encode_pass(encode, n_images: int):
+    """How requests' images may share the image encoder's passes: (n_images, False) when encode((n, 3, 224, 224)
+    pixels) gives each image the same features in batches of any size up to n_images; else (n_images, True) when
+    it does so in passes of exactly n_images (a lone image is then padded to them); else (1, False): each
+    request's images in a pass of their own."""
+    pixels = random_rows(n_images, 3, 224, 224)
+    if rows_alike(encode, pixels, list(range(1, n_images + 1))):
+        return n_images, False
+    if rows_alike(encode, pixels, [n_images]):
+        return n_images, True
+    return 1, False

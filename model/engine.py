@@ -26,9 +26,9 @@ main thread never ran one). So request threads never touch large tensors (encode
 model steps on the thread that loaded it.
 
 A decoding step (Scheduler.decode_step) runs the weight products on the stacked rows' one new token each, with
-q/k/v and w1/w3 fused into single products (fuse_projections: the parameters become views of the fused
-matrices, so the state dict and the prefill are unchanged); each row's attention reads its own unpadded KV
-cache at its own RoPE position.
+q/k/v and w1/w3 fused into single products (decode_products), in int8 where the plan says so (model/hardware.py,
+model/quant.py); each row's attention reads its own unpadded KV cache at its own RoPE position. A prompt's
+prefill runs the model's own forward pass on its own weights.
 
 Batched answers equal solo ones, on every CPU: a kernel may round a row differently by the number of rows it is
 given, and how depends on the machine (model/batch_invariance.py). At load the engine asks this machine's
@@ -51,20 +51,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .batch_invariance import decode_row_block, encodes_alike, shared_prefill_rows
+from .batch_invariance import decode_row_block, encode_pass, shared_prefill_rows
 from .checkpoint import load_vlm, resolve_checkpoint
-from .hardware import decoder_weights, encoder_autocast
+from .hardware import InferencePlan, inference_plan
 from .images import MAX_IMAGE_PIXELS, BadImage, clip_pixels, read_image
 from .LMConfig import IMAGE_MARKER
 from .model import FeedForward, KVCache, apply_rope, sample_next_token
-from .quant import Int8Linear, quantize_int8
+from .quant import Int8Linear
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
 from .vision import DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model
 
 MAX_IMAGE_BYTES = 10 * 2 ** 20  # an upload larger than this is refused before it is decoded
 MAX_BATCH = 8  # answers decoded together; more wait for a free slot
 MAX_WAITING = 64  # answers waiting for a slot; more are refused (Busy)
-ENCODE_BATCH = 4  # images of different requests one encode pass may hold (where they encode alike)
+ENCODE_BATCH = 4  # images of several requests one encode pass may hold (where they encode alike)
 
 
 class InputError(ValueError):
@@ -212,12 +212,11 @@ class ChatEngine:
     padded to a multiple of it in one product, which on some CPUs makes an answer depend on its batch."""
 
     def __init__(self, model, tokenizer, vision_model, autocast=None, name="MiniMind-V", vision_name="",
-                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=None):
+                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=None, int8=False):
         self.model, self.tokenizer, self.vision = model.eval(), tokenizer, vision_model
         self.cfg = model.params
-        self.device = model.tok_embeddings.weight.device
-        self.dtype = model.tok_embeddings.weight.dtype  # of the activations
-        self.weights = "int8" if isinstance(model.output, Int8Linear) else str(self.dtype).replace("torch.", "")
+        self.device = model.output.weight.device
+        self.dtype = model.output.weight.dtype  # the decoder's weights and activations
         self.autocast = autocast  # dtype the image encoder runs in (None: fp32)
         self.name, self.vision_name = name, vision_name
         if max_batch < 1 or max_waiting < 0:
@@ -226,16 +225,15 @@ class ChatEngine:
         # Keys/values are kept in fp32 on CPU: there, one query's attention over bf16 keys takes ~4x as long as
         # over fp32 ones (measured: 93 vs 20 us a call), and the cache is small next to the weights.
         self.kv_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self.fused = fuse_projections(model)
-        products = [model.output] + [p for layer, (qkv, w13) in zip(model.layers, self.fused)
-                                     for p in (qkv, layer.attention.wo, w13, getattr(layer.feed_forward, "w2", None))
-                                     if p is not None]
+        self.plan = InferencePlan(self.dtype, int8, autocast)
+        self.layer_products, self.head = decode_products(model, int8)
+        products = [self.head] + [p for group in self.layer_products for p in group if p is not None]
         self.row_block = (decode_row_block(products, self.max_batch, self.dtype, self.device) if row_block is None
                           else int(row_block))
         # rows one prefill pass may hold for several prompts (0: each prompt alone); it also projects their images
-        self.prefill_rows = 0 if self.cfg.use_moe else shared_prefill_rows(
-            products + [model.vision_proj.vision_proj[0]], self.dtype, self.device)
-        self.encode_batch = None  # images one encode pass may hold; asked of the tower when first needed
+        prefill = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.prefill_rows = 0 if self.cfg.use_moe else shared_prefill_rows(prefill, self.dtype, self.device)
+        self.encode_pass = None  # (images per encode pass, padded to it?): asked of the tower at the first encode
         self._scheduler = Scheduler(self)
 
     def scheduler(self) -> "Scheduler":
@@ -251,29 +249,21 @@ class ChatEngine:
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)
-        weights = decoder_weights(device.type, dtype)
-        amp = encoder_autocast(device.type, dtype)
+        plan = inference_plan(device.type, dtype)
         # RMSNorm, RoPE and the sampled logits stay fp32 (model.py), and so does the KV cache on CPU (kv_dtype).
         # fp16 weights are not used: an fp16 residual stream can overflow where bf16's range cannot. The weights
         # are read straight into their dtype (no fp32 copy in memory).
-        model, _ = load_vlm(ckpt, tok, device, torch.bfloat16 if weights == "bfloat16" else torch.float32)
-        if weights == "int8":
-            quantize_int8(model)
-        vision = load_vision_model(vision_model, device, torch.bfloat16 if amp == torch.bfloat16 else torch.float32)
-        return cls(model, tok, vision, amp, Path(ckpt).stem, Path(vision_model).name, **batching)
-
-    def num_parameters(self) -> int:
-        """The model's parameters as trained (int8 matrices count as the weights they stand for)."""
-        m = self.model
-        return m.num_parameters() + sum(q.qweight.numel() + (0 if q.bias is None else q.bias.numel())
-                                        for q in m.modules() if isinstance(q, Int8Linear) and q is not m.output)
+        model, _ = load_vlm(ckpt, tok, device, plan.dense)
+        vision = load_vision_model(vision_model, device, plan.encoder or torch.float32)
+        return cls(model, tok, vision, plan.encoder, Path(ckpt).stem, Path(vision_model).name, int8=plan.int8_decoding,
+                   **batching)
 
     def describe(self) -> str:
         moe = ", MoE" if self.cfg.use_moe else ""
         random = " (random init: demo only)" if "random" in self.vision_name else ""
-        return (f"{self.name} · {self.num_parameters() / 1e6:.1f}M parameters (dim {self.cfg.dim}, "
-                f"{self.cfg.n_layers} layers{moe}, context {self.cfg.max_seq_len}, {self.weights} weights) · vision: "
-                f"{self.vision_name}{random} · {self.device}")
+        return (f"{self.name} · {self.model.num_parameters() / 1e6:.1f}M parameters (dim {self.cfg.dim}, "
+                f"{self.cfg.n_layers} layers{moe}, context {self.cfg.max_seq_len}, {self.plan.describe()}) · "
+                f"vision: {self.vision_name}{random} · {self.device}")
 
     # -- images -------------------------------------------------------------------------------------------
 
@@ -281,7 +271,7 @@ class ChatEngine:
         """(n, 50, 768) CPU features for a list of RGB PIL images, encoded by whichever thread runs the engine's
         steps (this one, or the server's main thread: see the module docstring). The pixels are made here, in
         numpy. Requests that arrive together are encoded in one batch where that leaves each image's features
-        unchanged on this machine (8 images take ~5 ViT-B/32 passes' time instead of 8 on CPU)."""
+        unchanged on this machine (4 images take 52 ms instead of 4 x 40 ms in bf16 on the AMX Xeon)."""
         job = _EncodeJob(np.stack([clip_pixels(im) for im in images]))
         self._scheduler.submit_encode(job)
         self._scheduler.wait_for(lambda: job.done)
@@ -347,41 +337,39 @@ class ChatEngine:
 # Continuous batching
 
 
-def fuse_projections(model):
-    """Per layer, (wqkv, w13): q/k/v stacked into one (q+k+v, dim) product and w1/w3 into one (2*hidden, dim)
-    product, so a decoding step runs 4 weight products a layer instead of 7 (at one token a row, each product
-    costs about as much in fixed overhead as in arithmetic). The layer's own wq/wk/wv/w1/w3 weights become
-    views of the fused matrices: no memory is added and the state dict keeps upstream's names. w13 is None for
-    a MoE layer (its experts are run as they are)."""
-    fused = []
+def decode_products(model, int8: bool):
+    """The weight products of a decoding step: per layer (wqkv, wo, w13, w2), and the output head. q/k/v are
+    stacked into one product and w1/w3 into another, so a step runs 4 products a layer instead of 7 (at one token
+    a row, each costs about as much in fixed overhead as in arithmetic). With int8: int8 copies (model/quant.py).
+    Otherwise the model's own matrices: the stacked ones become the storage of the layer's wq/wk/wv/w1/w3 (views:
+    no memory is added and the state dict keeps upstream's names). w13 and w2 are None for a MoE layer (its
+    experts run as they are)."""
+    layers = []
     with torch.no_grad():
         for layer in model.layers:
             att, ff = layer.attention, layer.feed_forward
-            groups = [(att.wq, att.wk, att.wv)] + ([(ff.w1, ff.w3)] if isinstance(ff, FeedForward) else [])
-            pair = [stack_linears(g) for g in groups]
-            fused.append((pair[0], pair[1] if len(pair) > 1 else None))
-    return fused
+            dense_ffn = isinstance(ff, FeedForward)
+            if int8:
+                qkv, wo = Int8Linear(torch.cat([att.wq.weight, att.wk.weight, att.wv.weight])), Int8Linear(att.wo.weight)
+                ffn = (Int8Linear(torch.cat([ff.w1.weight, ff.w3.weight])), Int8Linear(ff.w2.weight)) if dense_ffn else None
+            else:
+                qkv, wo = stack_linears([att.wq, att.wk, att.wv]), att.wo
+                ffn = (stack_linears([ff.w1, ff.w3]), ff.w2) if dense_ffn else None
+            layers.append((qkv, wo) + (ffn or (None, None)))
+        head = Int8Linear(model.output.weight) if int8 else model.output
+    return layers, head
 
 
 def stack_linears(linears):
-    """One bias-free linear module computing `linears` side by side; each of them then reads its rows of it."""
-    if isinstance(linears[0], Int8Linear):
-        whole = Int8Linear.stacked(linears)
-        tensors = [("qweight", whole.qweight), ("scale", whole.scale)]
-    else:
-        whole = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=False,
-                          device="meta")  # no throw-away init: its weight is the stacked matrices
-        whole.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
-        tensors = [("weight", whole.weight)]
+    """One bias-free nn.Linear computing `linears` side by side, whose weight the linears' weights then are
+    views of."""
+    whole = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=False,
+                      device="meta")  # no throw-away init: its weight is the stacked matrices
+    whole.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
     start = 0
     for lin in linears:
-        n = lin.out_features
-        for name, t in tensors:
-            if name == "weight":
-                lin.weight.data = t[start:start + n]
-            else:
-                setattr(lin, name, t[start:start + n])
-        start += n
+        lin.weight.data = whole.weight[start:start + lin.out_features]
+        start += lin.out_features
     return whole
 
 
@@ -532,27 +520,33 @@ class Scheduler:
         return r.cancelled
 
     def _encode(self, jobs):
-        """Encode the jobs' images: several jobs in one pass where this machine's kernels give each image the
-        same features in a batch as alone (asked once, for up to ENCODE_BATCH images), else one job at a time."""
+        """Encode the jobs' images: several requests' images in one pass where this machine's encoder gives each
+        image the features it gets alone (engine.encode_pass, asked at the first encode), else each job's images
+        in a pass of their own."""
         e = self.engine
         encode = lambda pixels: encode_images(e.vision, pixels, e.autocast).cpu()  # noqa: E731
-        if len(jobs) > 1 and e.encode_batch is None:
-            e.encode_batch = ENCODE_BATCH if encodes_alike(encode, ENCODE_BATCH) else 1
-        batches = [[]]
-        for j in jobs:  # a job's own images always share a pass
-            if batches[-1] and sum(len(b.pixels) for b in batches[-1]) + len(j.pixels) > (e.encode_batch or 1):
-                batches.append([])
-            batches[-1].append(j)
-        for batch in batches:
-            try:
-                feats = encode(torch.from_numpy(np.concatenate([j.pixels for j in batch])))
-                for j, f in zip(batch, feats.split([len(j.pixels) for j in batch])):
-                    j.features = f
-            except Exception as ex:  # each waiting caller sees the failure
-                for j in batch:
-                    j.error = ex
-            for j in batch:
-                j.done = True
+        if e.encode_pass is None:
+            e.encode_pass = encode_pass(encode, ENCODE_BATCH)
+        size, padded = e.encode_pass
+        try:
+            if size == 1:
+                feats = [encode(torch.from_numpy(j.pixels)) for j in jobs]
+            else:
+                pixels = torch.from_numpy(np.concatenate([j.pixels for j in jobs]))
+                out = []
+                for chunk in pixels.split(size):
+                    n = len(chunk)
+                    if padded and n < size:
+                        chunk = torch.cat([chunk, chunk.new_zeros((size - n,) + chunk.shape[1:])])
+                    out.append(encode(chunk)[:n])
+                feats = torch.cat(out).split([len(j.pixels) for j in jobs])
+            for j, f in zip(jobs, feats):
+                j.features = f
+        except Exception as ex:  # each waiting caller sees the failure
+            for j in jobs:
+                j.error = ex
+        for j in jobs:
+            j.done = True
 
     def _emit(self, r, logits) -> bool:
         """Sample r's next token from its (1, V) logits and hand it over; False when r is done."""
@@ -612,10 +606,10 @@ class Scheduler:
             ids = torch.cat([r.ids[:, :T] for r in group])
             with torch.inference_mode():
                 if len(group) == 1:
-                    logits = e.model(ids, feats, past_key_values=group[0].cache).logits[:, -1, :]
+                    logits = e.model(ids, feats, past_key_values=group[0].cache, last_only=True).logits[:, -1, :]
                 else:  # one pass over all rows, then each row's keys/values into its own cache
                     shared = KVCache(L, len(group), T, e.kv_dtype)
-                    logits = e.model(ids, feats, past_key_values=shared).logits[:, -1, :]
+                    logits = e.model(ids, feats, past_key_values=shared, last_only=True).logits[:, -1, :]
                     for b, r in enumerate(group):
                         for layer in range(L):
                             r.cache.update(layer, shared.k[layer, b:b + 1], shared.v[layer, b:b + 1])
@@ -660,7 +654,7 @@ class Scheduler:
         product = _products(e.row_block is None)
         h = m.tok_embeddings(tokens)  # (P, 1, dim)
         cos, sin = m.rope_cos[pos][:, None, :], m.rope_sin[pos][:, None, :]  # (P, 1, head_dim)
-        for layer, (wqkv, w13) in zip(m.layers, e.fused):
+        for layer, (wqkv, wo, w13, w2) in zip(m.layers, e.layer_products):
             att = layer.attention
             hd, nq, nkv = att.head_dim, att.n_heads, att.n_kv_heads
             qkv = product(wqkv, layer.attention_norm(h))
@@ -674,16 +668,16 @@ class Scheduler:
                                                          vb.transpose(1, 2), enable_gqa=nq != nkv))
             ys += [ys[0]] * (P - B)  # padding rows: any value, their results are dropped
             y = ys[0] if P == 1 else torch.cat(ys)
-            h = h + product(att.wo, y.transpose(1, 2).reshape(P, 1, nq * hd).to(h.dtype))
+            h = h + product(wo, y.transpose(1, 2).reshape(P, 1, nq * hd).to(h.dtype))
             x = layer.ffn_norm(h)
             if w13 is None:  # MoE
                 h = h + layer.feed_forward(x)
             else:
                 a, b = product(w13, x).chunk(2, dim=-1)
-                h = h + product(layer.feed_forward.w2, F.silu(a) * b)
+                h = h + product(w2, F.silu(a) * b)
         for r in rows:
             r.cache.advance(1)
-        return product(m.output, m.norm(h))[:B, -1, :]
+        return product(e.head, m.norm(h))[:B, -1, :]
 
 
 def _products(one_row_each: bool):

@@ -4,11 +4,11 @@ One rule for every script. Decoding (the inference engine) reads every weight on
 the speed of reading weights; training and image encoding multiply large matrices, so theirs is matmul
 throughput. Measured with scripts/benchmark.py (one section per machine kind in BENCHMARKS.md):
 
-  machine (lscpu flags)             decoder weights when decoding     training / image encoder
-  CUDA                              bf16                              bf16 autocast (fp16 without bf16)
-  x86 CPU with AMX (amx_bf16)       int8 (weight-only)                bf16 autocast
-  x86 CPU with AVX512-BF16, no AMX  int8 (weight-only)                bf16 autocast
-  other CPUs (AVX2, ...)            int8 (weight-only)                fp32
+  machine (lscpu flags)             decoding step's products   prefill, image encoder, training
+  CUDA                              bf16                       bf16 (fp16 autocast without bf16)
+  x86 CPU with AMX (amx_bf16)       int8 (weight-only)         bf16
+  x86 CPU with AVX512-BF16, no AMX  int8 (weight-only)         bf16
+  other CPUs (AVX2, ...)            int8 (weight-only)         fp32
 
 Decoding on a CPU, 27M model, one stream (Intel Xeon with AMX, 2 cores, 128 tokens): the weight products of a
 token take ~4.1 ms in fp32 and ~3 ms in bf16 (oneDNN's one-row bf16 kernel reads memory at half fp32's rate),
@@ -16,18 +16,19 @@ but ~1 ms with int8 weights (torch._weight_int8pack_mm; model/quant.py). The sam
 ATen capped at AVX512-BF16 and at AVX2 on that machine (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS,
 ATEN_CPU_CAPABILITY), which stands in for the other kinds until they are measured there. int8 weights change
 answers only within rounding: the demo's held-out accuracy is the same as with fp32 (BENCHMARKS.md). Pass
---dtype float32 (or bfloat16) to decode with unquantized weights.
+--dtype float32 (or bfloat16) to decode with unquantized weights. (Batches of many requests favour bf16 on
+AMX: its one-row kernel is slow, but 8 rows cost about what one does, where int8's cost grows with the rows;
+BENCHMARKS.md has both.)
 
 Without AMX or AVX512-BF16, PyTorch emulates bf16 matmuls ~100x slower than fp32 (measured on an AVX2-only AMD
 EPYC: 0.9 vs 112 GFLOP/s), so training and the image encoder stay fp32 there.
 """
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import torch
-
-INFERENCE_DTYPES = ("float32", "bfloat16", "int8")
-
 
 @lru_cache(maxsize=None)
 def cpu_info() -> dict:
@@ -69,20 +70,29 @@ def autocast_dtype(device_type: str, dtype: str):
     raise ValueError(f"unknown dtype {dtype!r}")
 
 
-def decoder_weights(device_type: str, dtype: str) -> str:
-    """Decoding: the decoder's weight format for a --dtype flag, one of INFERENCE_DTYPES ('int8' = weight-only int8
-    products, model/quant.py). 'auto' follows the table above; 'float16' keeps fp32 decoder weights (it only
-    autocasts the image encoder)."""
-    if dtype == "auto":
-        return "bfloat16" if device_type == "cuda" else "int8"
+@dataclass
+class InferencePlan:
+    """What an inference --dtype means on this machine: the decoder's own weights (the prompt's prefill and the
+    image projection run in this dtype), whether each decoding step's weight products use int8 copies of them
+    (model/quant.py), and the image encoder's autocast dtype (None: fp32)."""
+    dense: torch.dtype
+    int8_decoding: bool
+    encoder: Optional[torch.dtype]
+
+    def describe(self) -> str:
+        dense = str(self.dense).replace("torch.", "")
+        return f"int8 decoding, {dense} prefill" if self.int8_decoding else dense
+
+
+def inference_plan(device_type: str, dtype: str) -> InferencePlan:
+    """The table in the module docstring, for ChatEngine.load's --dtype: 'auto', 'int8' (CPU), 'bfloat16',
+    'float32' or 'float16' (autocasts the image encoder only; CUDA). Prefill multiplies many rows at once, so
+    it runs on the dense weights (bf16 where the CPU has native bf16: 14 ms for a 70-token prompt of the 27M
+    model on the AMX Xeon, against 36 ms through the int8 kernel, which computes row by row)."""
+    if dtype in ("auto", "int8") and device_type == "cpu":
+        native = cpu_has_fast_bf16()
+        return InferencePlan(torch.bfloat16 if native else torch.float32, True, torch.bfloat16 if native else None)
     if dtype == "int8":
-        if device_type != "cpu":
-            raise ValueError("--dtype int8 (weight-only int8 products) is a CPU path; on CUDA use bfloat16")
-        return "int8"
-    autocast = autocast_dtype(device_type, dtype)
-    return "bfloat16" if autocast == torch.bfloat16 else "float32"
-
-
-def encoder_autocast(device_type: str, dtype: str):
-    """The image encoder's dtype when decoding with --dtype `dtype` (int8 applies to the decoder only)."""
-    return autocast_dtype(device_type, "auto" if dtype == "int8" else dtype)
+        raise ValueError("--dtype int8 (int8 decoding products) is a CPU path; on CUDA use bfloat16")
+    encoder = autocast_dtype(device_type, dtype)
+    return InferencePlan(torch.bfloat16 if encoder == torch.bfloat16 else torch.float32, False, encoder)

@@ -338,10 +338,11 @@ class MiniMindVLM(nn.Module):
 
     def forward(self, input_ids, image_features: ImageFeatures = None, labels=None,
                 past_key_values: Optional[KVCache] = None, use_cache: bool = False, attention_mask=None,
-                loss_only: bool = False):
+                loss_only: bool = False, last_only: bool = False):
         """logits (B, T, vocab) and, given labels (B, T) with -100 where no loss is taken, the mean next-token
         loss over labelled positions (+ the MoE balancing loss). loss_only=True skips the full logits and runs
         the output head only where a label is: in VLM training most positions are image or prompt tokens.
+        last_only=True gives logits (B, 1, vocab) for the last position only (what a prompt's prefill needs).
         use_cache=True fills past_key_values (a KVCache; one just big enough for this input if none is given)
         and returns it; the next call passes it back with only the new tokens."""
         B, T = input_ids.shape
@@ -358,7 +359,7 @@ class MiniMindVLM(nn.Module):
             h = layer(h, cos, sin, mask, past_key_values)
         if past_key_values is not None:
             past_key_values.advance(T)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         aux_loss = sum((l.feed_forward.aux_loss for l in self.layers if self.params.use_moe
                         and l.feed_forward.aux_loss is not None), h.new_zeros((), dtype=torch.float32))
         if labels is not None and loss_only:
@@ -403,7 +404,7 @@ class MiniMindVLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cache = KVCache(len(self.layers), B, T + max_new_tokens) if use_cache else None
         out = self(input_ids, image_features, attention_mask=None if mask is None else mask[:, :T],
-                   past_key_values=cache)
+                   past_key_values=cache, last_only=True)
         for n in range(T, T + max_new_tokens):
             next_id = sample_next_token(out.logits[:, -1, :].float(), ids[:, :n], temperature, top_k, top_p,
                                         repetition_penalty, generator)
