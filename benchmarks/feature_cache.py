@@ -1,7 +1,7 @@
 """Feature cache on disk: the sharded store (trainer/feature_cache.py) against the old one-.npy-per-image layout.
 
-  python scripts/benchmark_feature_cache.py               # 50,000 entries: ~3.8 GB written per store
-  python scripts/benchmark_feature_cache.py --n 2000      # a quick check of the machinery
+  python benchmarks/feature_cache.py               # 50,000 entries: ~3.8 GB written per store
+  python benchmarks/feature_cache.py --n 2000      # a quick check of the machinery
 
 Entries are synthetic fp16 (50, 768) arrays (what CLIP ViT-B/32 gives per image), keyed like image_cache_key
 (sha1 hex). Both stores run in this process, one after the other, in --workdir; each store's files are deleted

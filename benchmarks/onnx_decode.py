@@ -2,8 +2,8 @@
 tokens/s after the first, first-token latency (image encode + prompt) and peak resident memory, each runtime in
 a fresh process, alternated, median of --repeats.
 
-  python scripts/benchmark_onnx.py                        # the 27M config, fp32, 128 tokens
-  python scripts/benchmark_onnx.py --size tiny --tokens 16 --repeats 1     # checks the machinery only
+  python benchmarks/onnx_decode.py                        # the 27M config, fp32, 128 tokens
+  python benchmarks/onnx_decode.py --size tiny --tokens 16 --repeats 1     # checks the machinery only
 
 A seeded random model of the chosen config and a seeded random CLIP tower are exported with
 `export_model.py --onnx`; both runtimes decode greedily with the end-of-answer id ignored, so every run
@@ -19,11 +19,9 @@ import statistics
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ROOT, SIZES, random_model_files, record  # noqa: E402
 
-from benchmark import SIZES, print_json, random_model_files  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
 
 # The PyTorch side, in its own process: the engine, greedy, timed like scripts/onnx_chat.py --benchmark.
@@ -94,7 +92,7 @@ def main(argv=None):
     for name, r in res["runtimes"].items():
         print(f"{name:<12} {r['tokens_per_s']:7.1f} {r['first_token_s'] * 1e3:9.0f}ms {r['peak_rss_mib']:6.0f}MiB "
               f"{str(r['torch_imported']):>16}")
-    print_json(res, args.out)
+    record(res, args.out)
 
 
 if __name__ == "__main__":

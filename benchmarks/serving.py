@@ -1,15 +1,16 @@
 """Serving under load and the front ends' memory: N concurrent streaming clients of the OpenAI-compatible API
 (real HTTP, the official openai client), and the peak resident memory of 3-eval_chat.py and web_server.py.
 
-  python scripts/benchmark_serving.py                     # the 27M config, N = 1 2 4 8; about 5 minutes
-  python scripts/benchmark_serving.py --size tiny --clients 1 2 --tokens 16 --skip_memory   # machinery only
-  python scripts/benchmark_serving.py --baseline_repo /tmp/old   # also an older checkout's server, same run
+  python benchmarks/serving.py                      # the 27M config, N = 1 2 4 8; about 8 minutes
+  python benchmarks/serving.py --size tiny --clients 1 2 --tokens 16 --skip_memory   # the machinery only
+  python benchmarks/serving.py --baseline_repo /tmp/old   # also an older checkout's server, in the same run
 
 A seeded random model of the chosen config is saved as a checkpoint, with a seeded random CLIP tower (random
 weights rarely say EOS, so every answer runs its full --tokens). Servers, one after another on the same
 machine, each in its own process:
-  batched        serve_openai_api.py as shipped: continuous batching, up to --max_batch answers per step
-  one-at-a-time  the same with --max_batch 1: the next request waits until the current answer is done
+  batched-DTYPE  serve_openai_api.py as shipped with --dtype DTYPE (each of --dtypes: auto, the default, and
+                 bfloat16 where the CPU has it): continuous batching, up to --max_batch answers per step
+  one-at-a-time  --dtype auto with --max_batch 1: the next request waits until the current answer is done
   baseline       (--baseline_repo) that checkout's serve_openai_api.py, with only the flags it knows
 For each N, N clients start together (a barrier), each streaming a greedy answer about its own image; a round
 is repeated until every N has at least --samples time-to-first-token samples. Reported per N: aggregate
@@ -36,21 +37,11 @@ import urllib.request
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import ENV, ROOT, SIZES, random_model_files, record, run_script  # noqa: E402
 
-from benchmark import SIZES, print_json, random_model_files  # noqa: E402
 from model.cli import HelpFormatter  # noqa: E402
-from model.hardware import autocast_dtype  # noqa: E402
-
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", GRADIO_ANALYTICS_ENABLED="False")
-# Runs a script and prints its own peak RSS on stderr as the last line: VmHWM, which starts afresh at exec
-# (ru_maxrss would carry over this benchmark's own peak through the fork).
-PEAK_RSS_WRAPPER = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '.')\n"
-                    "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nfinally:\n"
-                    "    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-                    "    print('PEAK_RSS_KIB', hwm, file=sys.stderr)")
+from model.hardware import cpu_has_fast_bf16  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -60,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=128, help="answer tokens per request (max_tokens)")
     p.add_argument("--samples", type=int, default=8, help="time-to-first-token samples per N (at least)")
     p.add_argument("--max_batch", type=int, default=8, help="the batched server's --max_batch")
-    p.add_argument("--dtype", default="auto", help="the servers' --dtype")
+    p.add_argument("--dtypes", nargs="+", help="the batched servers' --dtype (default: auto, and bfloat16 where the "
+                   "CPU has native bf16)")
     p.add_argument("--baseline_repo", help="a checkout whose serve_openai_api.py is measured too")
     p.add_argument("--skip_memory", action="store_true", help="only the concurrency sweep")
     p.add_argument("--workdir", help="checkpoint and random tower (default: a new temporary directory)")
@@ -160,7 +152,7 @@ def sweep(url, clients, tokens, samples, images):
             "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
             "tokens_per_answer": statistics.median(o["tokens"] for r in rounds for o in r)}
         print(f"  N={n}: {results[n]['aggregate_tokens_per_s']:.0f} tok/s aggregate, "
-              f"p95 first token {results[n]['ttft_p95_s'] * 1e3:.0f} ms", flush=True)
+              f"p95 first token {results[n]['ttft_p95_s'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     base = results[clients[0]]
     for r in results.values():
         r["aggregate_vs_first"] = r["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
@@ -170,13 +162,11 @@ def sweep(url, clients, tokens, samples, images):
 
 def script_peak_rss(args):
     """Peak RSS (MiB) of `python args...` run from the repository root, or None if it failed."""
-    p = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER] + args, cwd=ROOT, env=dict(ENV, PYTHONPATH=ROOT),
-                       capture_output=True, text=True)
-    lines = [line for line in p.stderr.splitlines() if line.startswith("PEAK_RSS_KIB")]
-    if p.returncode != 0 or not lines:
-        print(p.stderr[-2000:], file=sys.stderr)
+    try:
+        return run_script(args)[2]
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
         return None
-    return int(lines[-1].split()[1]) / 1024
 
 
 def web_peak_rss(model_args, image):
@@ -192,11 +182,19 @@ def web_peak_rss(model_args, image):
 
 
 def weights_mib(ckpt, tower, dtype):
-    """MiB of the decoder's and the tower's weights in `dtype` (the tied matrix once)."""
+    """MiB of the weights an engine holds for --dtype `dtype`: the decoder's (the tied matrix once), its int8
+    decoding copies if any (all but the embedding's own use, the projector and the norms), and the tower's."""
     from model.checkpoint import read_safetensors
-    n = sum(t.numel() for k, t in read_safetensors(ckpt).items() if k != "tok_embeddings.weight")
-    n += sum(t.numel() for t in read_safetensors(os.path.join(tower, "model.safetensors")).values())
-    return n * (2 if dtype == "bfloat16" else 4) / 2 ** 20
+    from model.hardware import inference_plan
+    plan = inference_plan("cpu", dtype)
+    decoder = {k: t.numel() for k, t in read_safetensors(ckpt).items() if k != "tok_embeddings.weight"}
+    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    n = sum(decoder.values()) * size(plan.dense)
+    if plan.int8_decoding:
+        n += sum(v for k, v in decoder.items() if k.endswith("weight") and "norm" not in k and "vision_proj" not in k)
+    n += sum(t.numel() for t in read_safetensors(os.path.join(tower, "model.safetensors")).values()) * size(
+        plan.encoder or torch.float32)
+    return n / 2 ** 20
 
 
 def memory_section(ckpt, tower, work, dtypes):
@@ -219,46 +217,59 @@ def memory_section(ckpt, tower, work, dtypes):
             "weights_mib": weights_mib(ckpt, tower, dtype)}
         print(f"  {dtype}: 3-eval_chat.py {rows[dtype]['eval_chat_mib']:.0f} MiB, web_server.py "
               f"{rows[dtype]['web_server_mib']:.0f} MiB (weights {rows[dtype]['weights_mib']:.0f} MiB, imports "
-              f"{rows['imports_only_mib']:.0f} MiB)", flush=True)
+              f"{rows['imports_only_mib']:.0f} MiB)", file=sys.stderr, flush=True)
     return rows
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def measure(args):
+    """The section as benchmark.py runs it."""
     work, ckpt, tower, _, _ = random_model_files(args.size, args.workdir, "bench-serving-")
     images = image_data_urls(max(args.clients))
-    common = ["--ckpt", ckpt, "--vision_model", tower, "--device", "cpu", "--dtype", args.dtype]
-    servers = {"batched": (ROOT, common + ["--max_batch", str(args.max_batch)]),
-               "one-at-a-time": (ROOT, common + ["--max_batch", "1"])}
+    common = ["--ckpt", ckpt, "--vision_model", tower, "--device", "cpu"]
+    dtypes = args.dtypes or (["auto"] + (["bfloat16"] if cpu_has_fast_bf16() else []))
+    servers = {f"batched-{d}": (ROOT, common + ["--dtype", d, "--max_batch", str(args.max_batch)]) for d in dtypes}
+    servers["one-at-a-time"] = (ROOT, common + ["--dtype", "auto", "--max_batch", "1"])
     if args.baseline_repo:
         servers["baseline"] = (os.path.abspath(args.baseline_repo), common)
-
-    res = {"size": args.size, "tokens": args.tokens, "dtype": args.dtype, "threads": torch.get_num_threads(),
-           "cpu_bf16": autocast_dtype("cpu", "auto") == torch.bfloat16, "servers": {}}
+    res = {"size": args.size, "tokens": args.tokens, "servers": {}}
     for name, (repo, flags) in servers.items():
-        print(f"{name}: {repo}/serve_openai_api.py {' '.join(flags[6:])}", flush=True)
+        print(f"{name}: {repo}/serve_openai_api.py {' '.join(flags[6:])}", file=sys.stderr, flush=True)
         proc, url = start_server(repo, "serve_openai_api.py", flags, "/v1/models")
         try:
             sweep(url, [1], 4, 1, images)  # warm-up
             rows = sweep(url, args.clients, args.tokens, args.samples, images)
-            res["servers"][name] = {"clients": rows, "server_peak_rss_mib": peak_rss_mib(proc.pid)}
+            res["servers"][name] = {"flags": " ".join(flags[6:]), "clients": rows,
+                                    "server_peak_rss_mib": peak_rss_mib(proc.pid)}
         finally:
             proc.kill()
             proc.wait()
     if not args.skip_memory:
-        print("memory", flush=True)
-        dtypes = (["bfloat16"] if res["cpu_bf16"] else []) + ["float32"]
-        res["memory"] = memory_section(ckpt, tower, work, dtypes)
+        print("memory", file=sys.stderr, flush=True)
+        res["memory"] = memory_section(ckpt, tower, work, dtypes + ["float32"])
+    return res
 
-    print(f"\nconcurrent streaming clients, {args.size} config, {args.tokens} tokens each, --dtype {args.dtype}")
-    print(f"{'server':<14} {'N':>2} {'aggregate tok/s':>15} {'x N=1':>6} {'per client':>10} {'TTFT p50':>9} "
-          f"{'TTFT p95':>9} {'x N=1':>6}")
+
+def table(res) -> str:
+    out = [f"concurrent streaming API clients, {res['size']} config, {res['tokens']} tokens each",
+           f"{'server':<18} {'N':>2} {'aggregate tok/s':>15} {'x N=1':>6} {'per client':>10} {'TTFT p50':>9} "
+           f"{'TTFT p95':>9} {'x N=1':>6}"]
     for name, s in res["servers"].items():
         for n, r in s["clients"].items():
-            print(f"{name:<14} {n:>2} {r['aggregate_tokens_per_s']:15.1f} {r['aggregate_vs_first']:6.2f} "
-                  f"{r['per_client_tokens_per_s']:10.1f} {r['ttft_p50_s'] * 1e3:7.0f}ms {r['ttft_p95_s'] * 1e3:7.0f}ms "
-                  f"{r['ttft_p95_vs_first']:6.2f}")
-    print_json(res, args.out)
+            out.append(f"{name:<18} {n:>2} {r['aggregate_tokens_per_s']:15.1f} {r['aggregate_vs_first']:6.2f} "
+                       f"{r['per_client_tokens_per_s']:10.1f} {r['ttft_p50_s'] * 1e3:7.0f}ms "
+                       f"{r['ttft_p95_s'] * 1e3:7.0f}ms {r['ttft_p95_vs_first']:6.2f}")
+    for dtype, m in res.get("memory", {}).items():
+        if isinstance(m, dict):
+            out.append(f"peak memory, --dtype {dtype}: 3-eval_chat.py {m['eval_chat_mib']:.0f} MiB, web_server.py "
+                       f"{m['web_server_mib']:.0f} MiB")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    res = measure(args)
+    print(table(res), file=sys.stderr)
+    record(res, args.out)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Start-up benchmark at full size: how long 1-pretrain_vlm.py takes from launch to its first optimizer step, and
 how much memory each rank holds (its DataLoader workers included), on a LLaVA-CC3M-sized pretrain file.
 
-  python scripts/benchmark_startup.py                          # 595,375 records, 1 and 2 ranks, this repo
-  python scripts/benchmark_startup.py --n_records 5000         # a quick check of the machinery
-  python scripts/benchmark_startup.py --repo /tmp/before       # the same measurement of another checkout
-  python scripts/benchmark_startup.py --baseline_repo /tmp/before   # both, in one run: the table and the ratios
+  python benchmarks/startup.py                          # 595,375 records, 1 and 2 ranks, this repo
+  python benchmarks/startup.py --n_records 5000         # a quick check of the machinery
+  python benchmarks/startup.py --repo /tmp/before       # the same measurement of another checkout
+  python benchmarks/startup.py --baseline_repo /tmp/before   # both, in one run: the table and the ratios
 
 The data is built once in --workdir and reused: chat-translated.json in upstream MiniMind-V v1's shape (a JSON
 list of {"id", "image", "conversations": [human, gpt]} records, a Chinese caption instruction with <image> first

@@ -2,7 +2,7 @@
 
 One rule for every script. Decoding (the inference engine) reads every weight once per token, so its speed is
 the speed of reading weights; training and image encoding multiply large matrices, so theirs is matmul
-throughput. Measured with scripts/benchmark.py (one section per machine kind in BENCHMARKS.md):
+throughput. Measured with benchmarks/benchmark.py (one section per machine kind in BENCHMARKS.md):
 
   machine (lscpu flags)             decoding step's products   prefill, image encoder, training
   CUDA                              bf16                       bf16 (fp16 autocast without bf16)

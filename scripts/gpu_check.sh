@@ -8,8 +8,8 @@
 # 2. Trains under torchrun (nccl on CUDA), bf16 autocast and --compile: 1-pretrain_vlm.py, stopped by SIGTERM
 #    after step STOP_AT (the trainer's MINIMIND_TEST_SIGNAL hook) and continued with --resume, then
 #    2-sft_vlm.py from its output. Checks that each stage's loss falls and that it ends at the planned step.
-# 3. Measures training samples/s and peak GPU memory of the 27M (512x8) and 109M (768x16) configs on synthetic
-#    data (scripts/benchmark.py --train_only: one GPU, eager, ours only).
+# 3. Measures training samples/s (steady state, cold and warm feature cache) and peak GPU memory of the 27M
+#    (512x8) and 109M (768x16) configs on generated data (benchmarks/train.py: one GPU, eager, ours only).
 # Prints a table and writes it as JSON to $GPU_CHECK_OUT (default: $WORK/gpu_check.json). Files go to
 # $GPU_CHECK_DIR (default: a new temporary directory); each command's output is in $WORK/*.log.
 set -euo pipefail
@@ -36,7 +36,7 @@ if [[ $DEVICE == cuda ]]; then
     DIM=256 MODEL=(--dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 4)
     TRAIN=(--device cuda --dtype bfloat16 --compile)
     BENCH_SIZES=(27m 109m)
-    BENCH=(--device cuda --dtype bfloat16 --steps 10 --batch_size 32)
+    BENCH=(--device cuda --dtype bfloat16 --records 320 1600 --batch_size 32 --num_workers 4)
 elif [[ $DEVICE == cpu ]]; then
     GPUS=${GPUS:-2}
     N_TRAIN=96 BATCH=4 PRE_STEPS=16 STOP_AT=8 SFT_STEPS=16 LOG_INTERVAL=1 WORKERS=0
@@ -122,8 +122,8 @@ check_log "${name}_sft" "$SFT_STEPS" || fail "SFT"
 
 # -- 3. speed and memory of the real configs ----------------------------------------------------------------------
 for size in "${BENCH_SIZES[@]}"; do
-    run "bench_$size.log" "$PYTHON" scripts/benchmark.py --size "$size" --train_only --skip_naive "${BENCH[@]}" \
-        --workdir "$WORK/bench" --out "$WORK/bench_$size.json" || fail "benchmark.py --size $size"
+    run "bench_$size.log" "$PYTHON" benchmarks/train.py --size "$size" "${BENCH[@]}" \
+        --workdir "$WORK/bench_$size" --out "$WORK/bench_$size.json" || fail "benchmarks/train.py --size $size"
 done
 
 # -- table and JSON -----------------------------------------------------------------------------------------------
@@ -145,19 +145,17 @@ print(f"\ngpu_check: all checks passed on {res['gpu'] or 'CPU'} ({device}, {gpus
 for stage, p in res["pipeline"].items():
     peak = f", peak GPU memory {p['peak_gpu_memory_mb']:.0f} MB (rank 0)" if "peak_gpu_memory_mb" in p else ""
     print(f"  {stage:<8} {p['steps']} steps, loss {p['first_loss']:.3f} -> {p['last_loss']:.3f}, {p['wall_s']} s{peak}")
-memory = "peak GPU MB" if device == "cuda" else "peak RSS MB"
-print(f"\n{'config':<7}{'stage':<10}{'batch':>6}{'samples/s warm':>16}{'samples/s cold':>16}{'tokens/s':>10}"
-      f"{'MFU':>7}{memory:>13}")
+print(f"\n{'config':<7}{'batch':>6}{'samples/s warm':>16}{'samples/s cold':>16}{'of peak':>9}{'peak GPU MB':>13}")
 for size in sizes:
     b = json.load(open(f"{work}/bench_{size}.json"))
-    c = b["config"]
-    res["benchmark"][size] = {"config": c, "hardware": b["hardware"], "train": b["train"]}
-    for stage, m in b["train"].items():
-        w, cold = m["ours_warm"], m["ours_cold"]
-        print(f"{size:<7}{stage:<10}{c['batch_size']:>6}{w['samples_per_s']:>16.1f}{cold['samples_per_s']:>16.1f}"
-              f"{w['tokens_per_s']:>10.0f}{w['mfu']:>7.1%}{max(w['peak_memory_mb'], cold['peak_memory_mb']):>13.0f}")
-print(f"(one process, eager, autocast {c['autocast']}; warm: features read from the cache, cold: encoded in the "
-      f"step; MFU against the measured matmul peak)\nwall time {res['wall_s']} s; JSON: {out}")
+    res["benchmark"][size] = b
+    w, cold = b["runs"]["ours-warm"], b["runs"]["ours-cold"]
+    peak = max(w.get("peak_gpu_memory_mb", 0), cold.get("peak_gpu_memory_mb", 0))
+    print(f"{size:<7}{b['batch_size']:>6}{w['samples_per_s']:>16.1f}{cold['samples_per_s']:>16.1f}"
+          f"{w['share_of_peak']:>9.1%}{peak:>13.0f}")
+print(f"(1-pretrain_vlm.py, one process, eager, autocast {b['autocast']}; steady state between two record counts; "
+      f"warm: features read from the cache, cold: encoded as the epoch needs them; share of the measured matmul "
+      f"peak)\nwall time {res['wall_s']} s; JSON: {out}")
 with open(out, "w") as f:
     f.write(json.dumps(res, indent=2) + "\n")
 EOF
