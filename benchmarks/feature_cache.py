@@ -21,24 +21,23 @@ Measured per store (RAM part off: ram_budget_gb=0, so every get reads the store)
                without root; best effort: a virtual disk's host may still cache, so it is not a cold disk.
   files, bytes the files of the store, their sizes (apparent) and what they take on disk (allocated blocks)
   worker copy  NEW only: bytes of the pickled cache (what a DataLoader worker started by spawn receives)
-Prints a table, then one JSON object as the last line.
+Prints a table, then one JSON object as the last line (also written to --out), with the machine it ran on
+(benchmarks/harness.py's record).
 """
 import argparse
 import hashlib
-import json
 import os
 import pickle
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import drop_page_cache, files_under, run_benchmark, time_call  # noqa: E402
 
 from model.cli import HelpFormatter  # noqa: E402
 from trainer.feature_cache import FeatureCache  # noqa: E402
@@ -86,68 +85,53 @@ def parse_args(argv=None):
     p.add_argument("--read_n", type=int, default=0, help="entries per timed read pass (0: all --n)")
     p.add_argument("--keep", action="store_true", help="keep the stores and the workdir")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic features and of the random order")
+    p.add_argument("--out", help="also write the JSON here")
     return p.parse_args(argv)
 
 
-def store_files(d):
-    files = [p for p in Path(d).rglob("*") if p.is_file()]
-    st = [p.stat() for p in files]
-    return len(files), sum(s.st_size for s in st), sum(s.st_blocks * 512 for s in st)
-
-
-def evict(d):
-    """Drop the page-cache pages of every file under d (they are clean after os.sync)."""
-    for p in Path(d).rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def read_rate(make, keys):
-    cache = make()  # a fresh object: nothing of the fill is in its RAM
-    t = time.perf_counter()
-    total = 0.0
-    for k in keys:
-        total += float(cache.get(k)[0, 0])
-    return len(keys) / (time.perf_counter() - t)
-
-
-def measure(name, make, keys, pool, read_keys, random_keys):
-    res = {}
-    cache = make()
-    t = time.perf_counter()
+def fill(cache, keys, pool):
+    """put() every key, then flush() and sync: timed to durable storage."""
     for i, k in enumerate(keys):
         cache.put(k, torch.from_numpy(pool[i % len(pool)].copy()))  # a fresh tensor per entry, as the encoder gives
     cache.flush()
     os.sync()
-    res["fill_entries_per_s"] = len(keys) / (time.perf_counter() - t)
-    del cache
-    t = time.perf_counter()
-    cache = make()
-    res["open_s"] = time.perf_counter() - t
+
+
+def read_all(cache, keys):
+    total = 0.0
+    for k in keys:
+        total += float(cache.get(k)[0, 0])  # touch the entry: a lazy read must be done
+    return total
+
+
+def read_rate(make, keys):
+    cache = make()  # a fresh object: nothing of the fill is in its RAM
+    return len(keys) / time_call(read_all, cache, keys)[1]
+
+
+def measure_store(name, make, keys, pool, read_keys, random_keys):
+    res = {"fill_entries_per_s": len(keys) / time_call(fill, make(), keys, pool)[1]}
+    cache, res["open_s"] = time_call(make)
     probe = random_keys[:min(len(random_keys), 20_000)]
-    t = time.perf_counter()
-    assert all(cache.on_disk(k) for k in probe)
-    res["on_disk_per_s"] = len(probe) / (time.perf_counter() - t)
+    found, seconds = time_call(lambda: all(cache.on_disk(k) for k in probe))
+    assert found
+    res["on_disk_per_s"] = len(probe) / seconds
     if isinstance(cache, FeatureCache):
         res["worker_copy_bytes"] = len(pickle.dumps(cache))
         res["index_bytes"] = cache.index_keys.nbytes + cache.index_shard.nbytes + cache.index_row.nbytes
     del cache
-    res["files"], res["bytes"], res["allocated_bytes"] = store_files(make().dir)
+    res["files"], res["bytes"], res["allocated_bytes"] = files_under(make().dir)
     for cond in ("warm", "evicted"):
         for order, ks in (("random", random_keys), ("sequential", read_keys)):
             if cond == "evicted":
-                evict(make().dir)
+                drop_page_cache(make().dir)
             res[f"get_{order}_{cond}_per_s"] = read_rate(make, ks)
     print(f"  {name}: done", file=sys.stderr)
     return res
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def measure(args) -> dict:
+    """Both stores, one after the other, in --workdir (each deleted once measured unless --keep)."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-feature-cache-"))
     work.mkdir(parents=True, exist_ok=True)
     need = args.n * ENTRY_BYTES * 1.05 + 2**28
@@ -170,17 +154,16 @@ def main(argv=None):
                   "new": lambda: FeatureCache(work / "new", "enc", ram_budget_gb=0, shard_mb=args.shard_mb,
                                               writer="bench")}
         for name, make in stores.items():
-            res[name] = measure(name, make, keys, pool, read_keys, random_keys)
+            res[name] = measure_store(name, make, keys, pool, read_keys, random_keys)
             if not args.keep:
                 shutil.rmtree(work / name)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(res)
-    print(json.dumps(res))
+    return res
 
 
-def print_table(res):
+def table(res) -> str:
     rows = [("fill (put + flush + sync), entries/s", "fill_entries_per_s", "{:,.0f}"),
             ("open a fresh cache, s", "open_s", "{:.3f}"),
             ("on_disk lookups/s", "on_disk_per_s", "{:,.0f}"),
@@ -193,11 +176,16 @@ def print_table(res):
             ("bytes (allocated on disk)", "allocated_bytes", "{:,}"),
             ("worker copy (pickled), bytes", "worker_copy_bytes", "{:,}"),
             ("index in RAM, bytes", "index_bytes", "{:,}")]
-    print(f"\nfeature cache, {res['n']:,} fp16 (50, 768) entries; NEW shards of {res['shard_mb']:g} MB")
-    print(f"{'':<44}{'OLD (baseline)':>16}{'NEW (shards)':>16}")
+    lines = [f"feature cache, {res['n']:,} fp16 (50, 768) entries; NEW shards of {res['shard_mb']:g} MB",
+             f"{'':<44}{'OLD (baseline)':>16}{'NEW (shards)':>16}"]
     for label, k, fmt in rows:
         cells = [fmt.format(res[s][k]) if k in res[s] else "-" for s in ("old", "new")]
-        print(f"{label:<44}{cells[0]:>16}{cells[1]:>16}")
+        lines.append(f"{label:<44}{cells[0]:>16}{cells[1]:>16}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    return run_benchmark(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,260 @@ def record(result: dict, out=None, command=None) -> dict:
             f.write(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return result
+
+
+# -- process trees, child output, CPU shares, files and timing --------------------------------------------------
+# What startup.py, feature_cache.py and onnx_decode.py measured with copies of their own:
+#
+#   try_read(path)              a file's text (bytes with binary=True), or None: a /proc file of a process gone
+#   process_children()          {pid: [its children]} of every process on the machine
+#   process_tree(pid, children) pid and all its descendants
+#   status_kib(pid, *fields)    fields of /proc/PID/status in KiB (VmRSS, VmHWM, ...)
+#   pss_kib(pid)                the process's PSS (shared pages split between their sharers)
+#   TreeMemory(pid)             peaks over samples of a process tree's summed RSS and PSS
+#   CpuAccount()                the machine's CPU time while children ran: theirs, ours, everybody else's
+#   OutputReader(pipe, log, t0) a child's output time-stamped into a log, its progress bars and lines noted
+#   run_watched(cmd, ...)       a command in a session of its own: sampled while it runs, killed at a timeout
+#   git_info(repo)              the commit a checkout is at and how many tracked files it has modified
+#   time_call(fn, *args)        fn's result and the seconds it took
+#   files_under(d), drop_page_cache(d)   the files below a directory: count and bytes; their cached pages dropped
+#   run_benchmark(module, argv) a script's main(): its parse_args, measure and table, then record
+# (Imported here rather than at the top so that this block stays apart from changes up there.)
+import re  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def try_read(path, binary=False):
+    """The contents of a file, or None where it cannot be read: a process may exit (or not be ours) between
+    listing /proc and reading its files, and a run's log may not be written yet."""
+    try:
+        with open(path, "rb" if binary else "r") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def process_children() -> dict:
+    """{pid: [pids of its children]} of every process on the machine (a key for each live process)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = try_read(f"/proc/{name}/stat")
+            if stat:  # after the command name, which may itself hold ')' and spaces: state, then the parent
+                parents[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    children = {pid: [] for pid in parents}
+    for pid, ppid in parents.items():
+        if ppid in children:
+            children[ppid].append(pid)
+    return children
+
+
+def process_tree(pid, children) -> list:
+    """pid, then all its descendants, per a process_children() table."""
+    tree, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        tree.append(p)
+        stack += children.get(p, [])
+    return tree
+
+
+def status_kib(pid, *fields) -> dict:
+    """{field: KiB} of /proc/PID/status for memory fields such as VmRSS and VmHWM; 0 for a process gone."""
+    out = dict.fromkeys(fields, 0)
+    for line in (try_read(f"/proc/{pid}/status") or "").splitlines():
+        key = line.split(":", 1)[0]
+        if key in out:
+            out[key] = int(line.split()[1])
+    return out
+
+
+def pss_kib(pid) -> int:
+    """The process's proportional set size, KiB: each shared page split between the processes sharing it, so a
+    forked worker costs only what it no longer shares. Reading it walks the page tables (~25 ms of CPU per GB)."""
+    m = re.search(r"^Pss:\s+(\d+) kB", try_read(f"/proc/{pid}/smaps_rollup") or "", re.M)
+    return int(m.group(1)) if m else 0
+
+
+class TreeMemory:
+    """Peaks over samples of one process tree (a process and its descendants, e.g. a training rank and its
+    DataLoader workers): the summed RSS and how many processes held it, the summed PSS, the most processes
+    seen at once, and the root process's own VmHWM. RSS counts pages a fork shares in every sharer; PSS does
+    not."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.peak_rss_kib = self.peak_pss_kib = self.processes_at_peak = self.max_processes = self.hwm_kib = 0
+
+    def sample(self, children, with_pss=False):
+        """One sample, per a process_children() table taken now; PSS only with with_pss (it costs CPU)."""
+        procs = process_tree(self.pid, children)
+        rss = sum(status_kib(p, "VmRSS")["VmRSS"] for p in procs)
+        if rss > self.peak_rss_kib:
+            self.peak_rss_kib, self.processes_at_peak = rss, len(procs)
+        if with_pss:
+            self.peak_pss_kib = max(self.peak_pss_kib, sum(pss_kib(p) for p in procs))
+        self.max_processes = max(self.max_processes, len(procs))
+        self.hwm_kib = max(self.hwm_kib, status_kib(self.pid, "VmHWM")["VmHWM"])
+
+    def summary(self) -> dict:
+        return {"peak_rss_mb": round(self.peak_rss_kib / 1024, 1), "peak_pss_mb": round(self.peak_pss_kib / 1024, 1),
+                "processes_at_peak": self.processes_at_peak, "max_processes": self.max_processes,
+                "main_process_hwm_mb": round(self.hwm_kib / 1024, 1)}
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all CPUs of the machine have been busy (not idle or waiting for I/O) since boot."""
+    ticks = [int(x) for x in try_read("/proc/stat").splitlines()[0].split()[1:]]
+    user, nice, system, irq, softirq, steal = ticks[0], ticks[1], ticks[2], ticks[5], ticks[6], ticks[7]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(who) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuAccount:
+    """Where the machine's CPU time went from now until result(): to the child processes this process reaped
+    meanwhile (a run's whole tree, once waited for), to this process (its sampling), and to every other process
+    (the machine may be shared: a run's numbers mean something only where that share is low). sample() notes
+    the highest 1-minute load average seen."""
+
+    def __init__(self):
+        self.busy0, self.children0, self.self0 = machine_busy_s(), _cpu_s(resource.RUSAGE_CHILDREN), \
+            _cpu_s(resource.RUSAGE_SELF)
+        self.loadavg_max = 0.0
+
+    def sample(self):
+        self.loadavg_max = max(self.loadavg_max, float(try_read("/proc/loadavg").split()[0]))
+
+    def result(self, wall_s) -> dict:
+        run = _cpu_s(resource.RUSAGE_CHILDREN) - self.children0
+        sampling = _cpu_s(resource.RUSAGE_SELF) - self.self0
+        others = max(0.0, machine_busy_s() - self.busy0 - run - sampling)
+        return {"run_cpu_s": round(run, 1), "sampling_cpu_s": round(sampling, 1),
+                "other_processes_cpu_s": round(others, 1),
+                "other_processes_share": round(others / (wall_s * os.cpu_count()), 2),
+                "loadavg_1min_max": self.loadavg_max}
+
+
+# a tqdm-style progress bar: "description: 42%|..." or "description: 17.3it [...", up to its first ':'
+PROGRESS = re.compile(r"^\s*(?P<desc>[^:\[\]|]{1,80}):\s+(\d+%\||\d+(\.\d+)?\w*\s*\[)")
+
+
+class OutputReader(threading.Thread):
+    """Reads a child's (merged) output pipe until it closes, writes each line time-stamped (seconds since t0,
+    a time.time()) to log_path, and notes when each progress bar (by its description) was first and last seen
+    (`bars`) and every other line with its time (`lines`). A bar redraws itself after a '\\r', so '\\r' ends a
+    line as '\\n' does; a piece not ended yet is stamped with the time it arrived."""
+
+    def __init__(self, pipe, log_path, t0):
+        super().__init__(daemon=True)
+        self.pipe, self.log_path, self.t0 = pipe, log_path, t0
+        self.bars, self.lines = {}, []
+
+    def run(self):
+        buf, buf_t = b"", None
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            while True:
+                chunk = os.read(self.pipe.fileno(), 65536)
+                now = time.time()
+                if not chunk:
+                    break
+                parts = re.split(rb"[\r\n]", buf + chunk)
+                for k, raw in enumerate(parts[:-1]):
+                    self.note(raw.decode("utf-8", errors="replace"), log, buf_t if k == 0 and buf else now)
+                buf = parts[-1]
+                buf_t = (buf_t if len(parts) == 1 and buf_t else now) if buf else None
+            if buf:
+                self.note(buf.decode("utf-8", errors="replace"), log, buf_t)
+
+    def note(self, text, log, when):
+        if not text.strip():
+            return
+        t = when - self.t0
+        log.write(f"[{t:8.2f}s] {text}\n")
+        log.flush()
+        m = PROGRESS.match(text)
+        if m:
+            bar = self.bars.setdefault(m.group("desc").strip(), {"first_s": round(t, 2), "last_s": 0, "last": ""})
+            bar["last_s"], bar["last"] = round(t, 2), text.strip()
+        else:
+            self.lines.append((round(t, 2), text.strip()[:200]))
+
+
+def run_watched(cmd, cwd, env, log_path, interval=0.2, timeout=3600, on_sample=None) -> dict:
+    """Run cmd (its stdout and stderr merged, read by an OutputReader into log_path) in a session of its own,
+    calling on_sample(pid, t0) every `interval` s while it runs (t0: the time.time() it was started at, so that
+    the callback can time what it sees); after `timeout` s the whole session (the command and whatever it
+    started) is killed. {"rc", "exit_s": seconds until the process exited, "timed_out", "output": the
+    OutputReader, "cpu": CpuAccount's result over the run}."""
+    cpu = CpuAccount()
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    reader = OutputReader(proc.stdout, log_path, t0)
+    reader.start()
+    timed_out = False
+    while proc.poll() is None:
+        if on_sample:
+            on_sample(proc.pid, t0)
+        cpu.sample()
+        if time.time() - t0 > timeout:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)  # the session is the command's: its children die with it
+            break
+        time.sleep(interval)
+    rc = proc.wait()
+    exit_s = time.time() - t0
+    reader.join(timeout=10)
+    proc.stdout.close()
+    return {"rc": rc, "exit_s": exit_s, "timed_out": timed_out, "output": reader, "cpu": cpu.result(exit_s)}
+
+
+def git_info(repo) -> dict:
+    """{"commit": HEAD's hash (None outside git), "modified_files": tracked files changed in the work tree}."""
+    def git(*a):
+        r = subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "modified_files": len(status.splitlines()) if status else 0}
+
+
+def time_call(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), the seconds it took)."""
+    t = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - t
+
+
+def files_under(d):
+    """(files below directory d, their apparent bytes, the bytes they take on disk in allocated blocks)."""
+    stats = [p.stat() for p in Path(d).rglob("*") if p.is_file()]
+    return len(stats), sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
+
+
+def drop_page_cache(d):
+    """Ask the kernel to drop the cached pages of every file below d (posix_fadvise DONTNEED: no root needed).
+    Only clean pages go, so sync first. Best effort: a virtual disk's host may still hold them."""
+    for p in Path(d).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_benchmark(module, argv=None) -> dict:
+    """A benchmark script's main(): the module's parse_args(argv), measure(args) and table(res); the table is
+    printed after a blank line (below the measurement's progress), then the result goes out through record
+    (to args.out)."""
+    args = module.parse_args(argv)
+    res = module.measure(args)
+    print("\n" + module.table(res))
+    return record(res, args.out)

@@ -7,44 +7,27 @@ a fresh process, alternated, median of --repeats.
 
 A seeded random model of the chosen config and a seeded random CLIP tower are exported with
 `export_model.py --onnx`; both runtimes decode greedily with the end-of-answer id ignored, so every run
-produces --tokens tokens. PyTorch runs ChatEngine in fp32 with one row per step (--row_block 1: what ONNX
-computes) -- the like-for-like comparison; bf16 is in BENCHMARKS.md's one-stream table.
+produces --tokens tokens. The ONNX side is scripts/onnx_chat.py --benchmark. The PyTorch side is ChatEngine
+loaded with `--dtype float32`, which is what the ONNX graphs compute -- the like-for-like comparison -- and not
+the engine's default (`--dtype auto`: int8 decoding products on a CPU, bf16 where the CPU has it); the engine
+picks its own row blocking at load (model/batch_invariance.py). bf16 is in BENCHMARKS.md's one-stream table,
+and the engine's other dtypes are in benchmarks/decode.py.
 
-Prints a table, then one JSON object as the last line (also written to --out).
+Prints a table, then one JSON object as the last line (also written to --out), with the machine it ran on
+(benchmarks/harness.py's record).
 """
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, SIZES, random_model_files, record  # noqa: E402
+from harness import SIZES, in_fresh_process, random_model_files, run_benchmark, run_script  # noqa: E402
 
 from model.cli import HelpFormatter  # noqa: E402
 
-# The PyTorch side, in its own process: the engine, greedy, timed like scripts/onnx_chat.py --benchmark.
-TORCH_RUN = """
-import json, sys, time
-from model.engine import ChatEngine
-from model.images import read_image
-ckpt, tower, image, n = sys.argv[1:5]
-engine = ChatEngine.load(ckpt, tower, device="cpu", dtype="float32", row_block=1)
-start = time.perf_counter()
-features = engine.encode([read_image(image)])
-generation = engine.generate([{"role": "user", "content": "<image>\\nDescribe this image."}], features,
-                             max_new_tokens=int(n), temperature=0, top_p=None)
-first = None
-for _ in generation:
-    if first is None:
-        first, n_first = time.perf_counter(), generation.completion_tokens
-end = time.perf_counter()
-hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-print(json.dumps({"tokens": generation.completion_tokens, "first_token_s": first - start,
-                  "tokens_per_s": (generation.completion_tokens - n_first) / (end - first),
-                  "peak_rss_mib": int(hwm) / 1024}))
-"""
+PROMPT = "Describe this image."
 
 
 def parse_args(argv=None):
@@ -57,42 +40,78 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def last_json(cmd):
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def pytorch_answer(ckpt, tower, image, tokens):
+    """In a fresh process: one greedy answer of the engine in fp32, timed as scripts/onnx_chat.py --benchmark
+    times its own (from the image's encoding to the last token)."""
+    from model.engine import ChatEngine
+    from model.images import read_image
+    engine = ChatEngine.load(ckpt, tower, device="cpu", dtype="float32")
+    start = time.perf_counter()
+    features = engine.encode([read_image(image)])
+    generation = engine.generate([{"role": "user", "content": f"<image>\n{PROMPT}"}], features,
+                                 max_new_tokens=tokens, temperature=0, top_p=None)
+    first = None
+    for _ in generation:
+        if first is None:
+            first, n_first = time.perf_counter(), generation.completion_tokens
+    end = time.perf_counter()
+    return {"tokens": generation.completion_tokens, "first_token_s": first - start,
+            "tokens_per_s": (generation.completion_tokens - n_first) / (end - first)}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def onnx_answer(export_dir, image, tokens):
+    """scripts/onnx_chat.py --benchmark in a process of its own, which never imports torch; its JSON line."""
+    result, _, _ = run_script(["scripts/onnx_chat.py", "--export", export_dir, "--image", image, "--prompt", PROMPT,
+                               "--benchmark", tokens])
+    return result
+
+
+def pytorch_run(ckpt, tower, image, tokens):
+    result, peak_rss_mib = in_fresh_process(pytorch_answer, ckpt, tower, image, tokens)
+    return dict(result, peak_rss_mib=peak_rss_mib)
+
+
+def exported_model(size, workdir):
+    """(checkpoint, tower, export directory, image): a seeded random model, exported once, and a noise image."""
     import torch
     from PIL import Image
 
     from export_model import export
-    work, ckpt, tower, _, _ = random_model_files(args.size, args.workdir, "bench-onnx-")
-    out = os.path.join(work, f"export_{args.size}")
+    work, ckpt, tower, _, _ = random_model_files(size, workdir, "bench-onnx-")
+    out = os.path.join(work, f"export_{size}")
     if not os.path.isfile(os.path.join(out, "onnx", "decoder.onnx")):
         export(ckpt, out, vision_model=tower, onnx=True)
     image = os.path.join(work, "noise.png")
     Image.fromarray((torch.rand(224, 224, 3, generator=torch.Generator().manual_seed(1)) * 255)
                     .to(torch.uint8).numpy()).save(image)
-    commands = {"onnxruntime": [sys.executable, "scripts/onnx_chat.py", "--export", out, "--image", image,
-                                "--prompt", "Describe this image.", "--benchmark", str(args.tokens)],
-                "pytorch": [sys.executable, "-c", TORCH_RUN, ckpt, tower, image, str(args.tokens)]}
-    runs = {name: [] for name in commands}
-    for _ in range(args.repeats):  # alternated: a noisy neighbour slows both alike
-        for name, cmd in commands.items():
-            runs[name].append(last_json(cmd))
-    res = {"size": args.size, "tokens": args.tokens, "repeats": args.repeats, "runtimes": {
+    return ckpt, tower, out, image
+
+
+def measure(args) -> dict:
+    """--repeats runs of each runtime, alternated (a noisy neighbour slows both alike), and their medians."""
+    ckpt, tower, export_dir, image = exported_model(args.size, args.workdir)
+    run = {"onnxruntime": lambda: onnx_answer(export_dir, image, args.tokens),
+           "pytorch": lambda: pytorch_run(ckpt, tower, image, args.tokens)}
+    runs = {name: [] for name in run}
+    for _ in range(args.repeats):
+        for name in run:
+            runs[name].append(run[name]())
+    return {"size": args.size, "tokens": args.tokens, "repeats": args.repeats, "runtimes": {
         name: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "first_token_s", "peak_rss_mib")}
         | {"torch_imported": any(r.get("torch_imported", True) for r in rs)} for name, rs in runs.items()}}
-    print(f"one stream, {args.size} config, fp32, {args.tokens} tokens, median of {args.repeats}")
-    print(f"{'runtime':<12} {'tok/s':>7} {'first token':>11} {'peak RSS':>9} {'torch in process':>16}")
+
+
+def table(res) -> str:
+    lines = [f"one stream, {res['size']} config, fp32, {res['tokens']} tokens, median of {res['repeats']}",
+             f"{'runtime':<12} {'tok/s':>7} {'first token':>11} {'peak RSS':>9} {'torch in process':>16}"]
     for name, r in res["runtimes"].items():
-        print(f"{name:<12} {r['tokens_per_s']:7.1f} {r['first_token_s'] * 1e3:9.0f}ms {r['peak_rss_mib']:6.0f}MiB "
-              f"{str(r['torch_imported']):>16}")
-    record(res, args.out)
+        lines.append(f"{name:<12} {r['tokens_per_s']:7.1f} {r['first_token_s'] * 1e3:9.0f}ms "
+                     f"{r['peak_rss_mib']:6.0f}MiB {str(r['torch_imported']):>16}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    return run_benchmark(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -35,22 +35,22 @@ Where the time went is read from the training's own output (progress bars and li
 arrive); every run's full output is kept in {workdir}/runs/{repo name}-{N}rank-{start}.log.
 
 Goals (the issue): second start's first step within 60 s; peak RSS per rank <= 1.5 GiB (1536 MiB).
-Prints a table, then one JSON object as the last line (also written to --out).
+Prints a table, then one JSON object as the last line (also written to --out), with the machine it ran on
+(benchmarks/harness.py's record; the /proc sampling and the output reader are the harness's too).
 """
 import argparse
 import json
 import os
 import random
 import re
-import resource
 import shutil
-import subprocess
 import sys
-import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (ROOT, TreeMemory, git_info, process_children, run_benchmark, run_watched,  # noqa: E402
+                     status_kib, try_read)
+
 from model.cli import HelpFormatter  # noqa: E402
 
 SCRIPT = "1-pretrain_vlm.py"
@@ -97,7 +97,10 @@ def parse_args(argv=None):
     p.add_argument("--pss_interval", type=float, default=5.0,
                    help="seconds between PSS samples (reading PSS costs ~25 ms of CPU per GB-sized process; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join(os.path.abspath(args.workdir),
+                                        f"startup-{os.path.basename(os.path.abspath(args.repo))}.json")
+    return args
 
 
 # -- data -------------------------------------------------------------------------------------------------------
@@ -183,44 +186,9 @@ def build_tower(workdir):
 
 # -- the process tree -------------------------------------------------------------------------------------------
 
-def read(path, mode="r"):
-    try:
-        with open(path, mode) as f:
-            return f.read()
-    except OSError:  # the process is gone, or not ours
-        return None
-
-
-def process_table():
-    """{pid: ppid} of every process on the machine."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = read(f"/proc/{name}/stat")
-            if stat:
-                table[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return table
-
-
-def status_kb(pid, fields):
-    text = read(f"/proc/{pid}/status") or ""
-    out = dict.fromkeys(fields, 0)
-    for line in text.splitlines():
-        key = line.split(":", 1)[0]
-        if key in out:
-            out[key] = int(line.split()[1])
-    return out
-
-
-def pss_kb(pid):
-    text = read(f"/proc/{pid}/smaps_rollup") or ""
-    m = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(m.group(1)) if m else 0
-
-
 def is_rank(pid):
     """A training process: runs the script and is not the torchrun launcher."""
-    raw = read(f"/proc/{pid}/cmdline", "rb")
+    raw = try_read(f"/proc/{pid}/cmdline", binary=True)
     if not raw:
         return False
     argv = raw.decode(errors="replace").split("\0")
@@ -229,124 +197,53 @@ def is_rank(pid):
 
 
 def rank_number(pid, fallback):
-    env = read(f"/proc/{pid}/environ", "rb") or b""
+    env = try_read(f"/proc/{pid}/environ", binary=True) or b""
     m = re.search(rb"(?:^|\0)RANK=(\d+)", env)
     return int(m.group(1)) if m else fallback
 
 
-class TreeSampler:
-    """Peak (over time) of each rank's summed RSS and PSS, its workers included."""
+def rank_pids(root, children):
+    """The top-most training processes below (or at) the root; below them are their workers."""
+    ranks, stack = [], [root]
+    while stack:
+        p = stack.pop()
+        if is_rank(p):
+            ranks.append(p)
+        else:
+            stack += children.get(p, [])
+    return ranks
 
-    def __init__(self, root, pss_interval):
-        self.root, self.ranks, self.launcher_peak_kb = root, {}, 0
+
+class RankSampler:
+    """Each rank's memory under a run's process (its workers included: a TreeMemory per rank), PSS at most
+    every pss_interval s, and the peak RSS of the torchrun launcher, which is not a rank."""
+
+    def __init__(self, pss_interval):
+        self.ranks, self.launcher_peak_kib = {}, 0  # ranks: {pid: (rank number, TreeMemory)}
         self.pss_interval, self.pss_t = pss_interval, 0.0
 
-    def sample(self):
+    def sample(self, root):
         with_pss = self.pss_interval > 0 and time.time() - self.pss_t >= self.pss_interval
         if with_pss:
             self.pss_t = time.time()
-        table = process_table()
-        children = {}
-        for pid, ppid in table.items():
-            children.setdefault(ppid, []).append(pid)
-
-        def descendants(pid):
-            out, stack = [], [pid]
-            while stack:
-                p = stack.pop()
-                out.append(p)
-                stack += children.get(p, [])
-            return out
-        if self.root not in table:
+        children = process_children()
+        if root not in children:
             return
-        rank_pids, stack = [], [self.root]
-        while stack:  # the top-most training processes below (or at) the root; below them are their workers
-            p = stack.pop()
-            if is_rank(p):
-                rank_pids.append(p)
-            else:
-                stack += children.get(p, [])
-                if p == self.root:
-                    self.launcher_peak_kb = max(self.launcher_peak_kb, status_kb(p, ["VmRSS"])["VmRSS"])
-        for pid in rank_pids:
+        if not is_rank(root):  # torchrun's launcher
+            self.launcher_peak_kib = max(self.launcher_peak_kib, status_kib(root, "VmRSS")["VmRSS"])
+        for pid in rank_pids(root, children):
             if pid not in self.ranks:
-                self.ranks[pid] = {"rank": rank_number(pid, len(self.ranks)), "peak_rss_kb": 0, "peak_pss_kb": 0,
-                                   "procs_at_peak": 0, "max_procs": 0, "hwm_kb": 0}
-            r = self.ranks[pid]
-            procs = descendants(pid)
-            rss = sum(status_kb(p, ["VmRSS"])["VmRSS"] for p in procs)
-            pss = sum(pss_kb(p) for p in procs) if with_pss else 0
-            if rss > r["peak_rss_kb"]:
-                r["peak_rss_kb"], r["procs_at_peak"] = rss, len(procs)
-            r["peak_pss_kb"] = max(r["peak_pss_kb"], pss)
-            r["max_procs"] = max(r["max_procs"], len(procs))
-            r["hwm_kb"] = max(r["hwm_kb"], status_kb(pid, ["VmHWM"])["VmHWM"])
+                self.ranks[pid] = (rank_number(pid, len(self.ranks)), TreeMemory(pid))
+            self.ranks[pid][1].sample(children, with_pss)
 
     def summary(self):
-        ranks = sorted(self.ranks.values(), key=lambda r: r["rank"])
-        return [{"rank": r["rank"], "peak_rss_mb": round(r["peak_rss_kb"] / 1024, 1),
-                 "peak_pss_mb": round(r["peak_pss_kb"] / 1024, 1), "processes_at_peak": r["procs_at_peak"],
-                 "max_processes": r["max_procs"], "main_process_hwm_mb": round(r["hwm_kb"] / 1024, 1)}
-                for r in ranks]
+        return [{"rank": rank, **memory.summary()} for rank, memory in sorted(self.ranks.values(), key=lambda r: r[0])]
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
 
-PROGRESS = re.compile(r"^\s*(?P<desc>[^:\[\]|]{1,80}):\s+(\d+%\||\d+(\.\d+)?\w*\s*\[)")
-
-
-class OutputReader(threading.Thread):
-    """Reads the run's merged stdout/stderr, writes it time-stamped to a log, and notes when each line and
-    each progress bar (by its description) was first and last seen."""
-
-    def __init__(self, pipe, log_path, t0):
-        super().__init__(daemon=True)
-        self.pipe, self.log_path, self.t0 = pipe, log_path, t0
-        self.bars, self.lines = {}, []
-
-    def run(self):
-        buf, buf_t = b"", None  # a piece not ended yet (a progress bar ends at the next \r), when it arrived
-        with open(self.log_path, "w", encoding="utf-8") as log:
-            while True:
-                chunk = os.read(self.pipe.fileno(), 65536)
-                now = time.time()
-                if not chunk:
-                    break
-                parts = re.split(rb"[\r\n]", buf + chunk)
-                for k, raw in enumerate(parts[:-1]):
-                    self.note(raw.decode("utf-8", errors="replace"), log, buf_t if k == 0 and buf else now)
-                buf = parts[-1]
-                buf_t = (buf_t if len(parts) == 1 and buf_t else now) if buf else None
-            if buf:
-                self.note(buf.decode("utf-8", errors="replace"), log, buf_t)
-
-    def note(self, text, log, when):
-        if not text.strip():
-            return
-        t = when - self.t0
-        log.write(f"[{t:8.2f}s] {text}\n")
-        log.flush()
-        m = PROGRESS.match(text)
-        if m:
-            desc = m.group("desc").strip()
-            bar = self.bars.setdefault(desc, {"first_s": round(t, 2), "last_s": 0, "last": ""})
-            bar["last_s"], bar["last"] = round(t, 2), text.strip()
-        else:
-            self.lines.append((round(t, 2), text.strip()[:200]))
-
-
-def machine_busy_s():
-    """CPU seconds all CPUs of the machine have been busy (not idle or waiting for I/O) since boot."""
-    f = [int(x) for x in read("/proc/stat").splitlines()[0].split()[1:]]
-    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(usage):
-    return usage.ru_utime + usage.ru_stime
-
-
 def first_loss_seen(log_path):
-    text = read(log_path)
+    text = try_read(log_path)
     return bool(text) and any('"loss"' in line for line in text.splitlines())
 
 
@@ -374,42 +271,25 @@ def run_once(args, repo, n_ranks, start, data_dir, info, tower, workdir):
         env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     print(f"\n== {n_ranks} rank(s), {start} start: {' '.join(cmd)}" +
           (f"\n   removed data caches: {', '.join(removed)}" if removed else ""), flush=True)
-    busy0, ours0, self0 = machine_busy_s(), cpu_s(resource.getrusage(resource.RUSAGE_CHILDREN)), \
-        cpu_s(resource.getrusage(resource.RUSAGE_SELF))
-    load_max = 0.0
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    reader = OutputReader(proc.stdout, os.path.join(workdir, "runs", f"{tag}-{start}.log"), t0)
-    reader.start()
-    sampler, first_step, timed_out = TreeSampler(proc.pid, args.pss_interval), None, False
-    while proc.poll() is None:
-        sampler.sample()
-        load_max = max(load_max, float(read("/proc/loadavg").split()[0]))
+    sampler, first_step = RankSampler(args.pss_interval), None
+
+    def on_sample(pid, t0):
+        nonlocal first_step
+        sampler.sample(pid)
         if first_step is None and first_loss_seen(log_path):
             first_step = time.time() - t0
-        if time.time() - t0 > args.timeout:
-            timed_out = True
-            os.killpg(proc.pid, 9)  # the session this run started: its launcher, ranks and workers
-            break
-        time.sleep(args.interval)
-    rc = proc.wait()
-    exit_s = time.time() - t0
-    reader.join(timeout=10)
-    # CPU: the run's own (its reaped process tree), this benchmark's sampling, and everybody else's
-    ours = cpu_s(resource.getrusage(resource.RUSAGE_CHILDREN)) - ours0
-    sampling = cpu_s(resource.getrusage(resource.RUSAGE_SELF)) - self0
-    others = max(0.0, machine_busy_s() - busy0 - ours - sampling)
-    cpu = {"run_cpu_s": round(ours, 1), "sampling_cpu_s": round(sampling, 1), "other_processes_cpu_s": round(others, 1),
-           "other_processes_share": round(others / (exit_s * os.cpu_count()), 2), "loadavg_1min_max": load_max}
+    run = run_watched(cmd, repo, env, os.path.join(workdir, "runs", f"{tag}-{start}.log"), args.interval,
+                      args.timeout, on_sample)
+    reader, cpu = run["output"], run["cpu"]
     if first_step is None and first_loss_seen(log_path):  # the first step and the exit within one interval
-        first_step = exit_s
+        first_step = run["exit_s"]
     ranks = sampler.summary()
-    result = {"ranks": n_ranks, "start": start, "rc": rc, "timed_out": timed_out,
-              "first_step_s": round(first_step, 1) if first_step is not None else None, "exit_s": round(exit_s, 1),
+    result = {"ranks": n_ranks, "start": start, "rc": run["rc"], "timed_out": run["timed_out"],
+              "first_step_s": round(first_step, 1) if first_step is not None else None,
+              "exit_s": round(run["exit_s"], 1),
               "peak_rss_mb_per_rank": max((r["peak_rss_mb"] for r in ranks), default=None),
               "peak_pss_mb_per_rank": max((r["peak_pss_mb"] for r in ranks), default=None),
-              "per_rank": ranks, "launcher_peak_rss_mb": round(sampler.launcher_peak_kb / 1024, 1) if n_ranks > 1
+              "per_rank": ranks, "launcher_peak_rss_mb": round(sampler.launcher_peak_kib / 1024, 1) if n_ranks > 1
               else None, "cpu": cpu, "removed_data_caches": removed, "phases": reader.bars,
               "lines": reader.lines[-40:], "log": reader.log_path, "command": cmd}
     for desc, bar in reader.bars.items():
@@ -417,56 +297,18 @@ def run_once(args, repo, n_ranks, start, data_dir, info, tower, workdir):
     for t, line in reader.lines:
         if not line.startswith(("[W", "W1", "I1")):
             print(f"   {t:7.1f}s  {line[:150]}")
-    print(f"   -> rc {rc}, first step {result['first_step_s']} s, exit {result['exit_s']} s, peak RSS per rank "
-          f"{result['peak_rss_mb_per_rank']} MB (PSS {result['peak_pss_mb_per_rank']} MB), "
+    print(f"   -> rc {result['rc']}, first step {result['first_step_s']} s, exit {result['exit_s']} s, peak RSS per "
+          f"rank {result['peak_rss_mb_per_rank']} MB (PSS {result['peak_pss_mb_per_rank']} MB), "
           f"ranks {[(r['rank'], r['peak_rss_mb'], r['processes_at_peak']) for r in ranks]}; CPU s: run "
           f"{cpu['run_cpu_s']}, other processes {cpu['other_processes_cpu_s']} "
-          f"({cpu['other_processes_share']:.0%} of the machine), load max {load_max}", flush=True)
+          f"({cpu['other_processes_share']:.0%} of the machine), load max {cpu['loadavg_1min_max']}", flush=True)
     return result
 
 
-def git_info(repo):
-    def git(*a):
-        r = subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "modified_files": len(status.splitlines()) if status else 0}
+# -- the measurement and its table ------------------------------------------------------------------------------
 
-
-def print_table(repo, runs, info, args):
-    print(f"\nrepo {os.path.abspath(repo)}; {info['records']} records ({info['bytes'] / MB:.1f} MB), "
-          f"{args.n_images} images, {args.num_workers} workers per rank, {os.cpu_count()} CPUs")
-    print(f"{'ranks':>5} {'start':>7} {'first step s':>13} {'exit s':>8} {'peak RSS/rank MB':>17} "
-          f"{'peak PSS/rank MB':>17} {'rc':>4} {'run CPU s':>9} {'others CPU':>10}")
-    for r in runs:
-        print(f"{r['ranks']:>5} {r['start']:>7} {str(r['first_step_s']):>13} {r['exit_s']:>8} "
-              f"{str(r['peak_rss_mb_per_rank']):>17} {str(r['peak_pss_mb_per_rank']):>17} {r['rc']:>4} "
-              f"{r['cpu']['run_cpu_s']:>9} {r['cpu']['other_processes_share']:>10.0%}")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
-    data_dir, info = build_data(workdir, args.n_records, args.n_images, args.seed)
-    tower = build_tower(workdir)
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
-
-    def measure(repo):
-        return [run_once(args, repo, n, start, data_dir, info, tower, workdir) for n in ranks
-                for start in ("first", "second")]
-    baseline = measure(args.baseline_repo) if args.baseline_repo else None
-    runs = measure(args.repo)
-
-    if baseline:
-        print_table(args.baseline_repo, baseline, info, args)
-    print_table(args.repo, runs, info, args)
-    if baseline:
-        print(f"\n{'ranks':>5} {'start':>7} {'first step: baseline / this':>28} {'PSS: baseline / this':>21}")
-        for b, r in zip(baseline, runs):
-            ratio = lambda k: (f"{b[k] / r[k]:.1f}x" if b[k] and r[k] else "-")  # noqa: E731
-            print(f"{r['ranks']:>5} {r['start']:>7} {ratio('first_step_s'):>28} {ratio('peak_pss_mb_per_rank'):>21}")
+def goals_of(runs):
+    """The issue's goals against these runs: the worst second start's first step, the largest rank's RSS."""
     second = [r for r in runs if r["start"] == "second"]
     worst = max((r["first_step_s"] if r["first_step_s"] is not None else float("inf") for r in second), default=None)
     goals = {"second_start_first_step_s": None if worst == float("inf") else worst,  # None: a run never stepped
@@ -474,21 +316,70 @@ def main(argv=None):
     goals["first_step_goal_met"] = goals["second_start_first_step_s"] is not None and \
         goals["second_start_first_step_s"] <= GOAL_FIRST_STEP_S
     goals["rss_goal_met"] = goals["peak_rss_mb_per_rank"] is not None and goals["peak_rss_mb_per_rank"] <= GOAL_RSS_MB
-    total = time.time() - t_start
-    print(f"goals: second start's first step {goals['second_start_first_step_s']} s (<= {GOAL_FIRST_STEP_S:.0f}: "
-          f"{goals['first_step_goal_met']}); peak RSS per rank {goals['peak_rss_mb_per_rank']} MB "
-          f"(<= {GOAL_RSS_MB:.0f}: {goals['rss_goal_met']}); benchmark took {total:.0f} s")
+    return goals
+
+
+def measure(args) -> dict:
+    """Both starts of every rank count, of --baseline_repo (if given) and then of --repo, on data built once."""
+    t_start = time.time()
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+    data_dir, info = build_data(workdir, args.n_records, args.n_images, args.seed)
+    tower = build_tower(workdir)
+    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+
+    def runs_of(repo):
+        return [run_once(args, repo, n, start, data_dir, info, tower, workdir) for n in ranks
+                for start in ("first", "second")]
+    baseline = runs_of(args.baseline_repo) if args.baseline_repo else None
+    runs = runs_of(args.repo)
     result = {"repo": os.path.abspath(args.repo), **git_info(args.repo), "n_records": info["records"],
               "file_mb": round(info["bytes"] / MB, 1), "n_images": args.n_images, "num_workers": args.num_workers,
-              "cpus": os.cpu_count(), "runs": runs, "goals": goals, "total_s": round(total, 1)}
+              "cpus": os.cpu_count(), "runs": runs, "goals": goals_of(runs), "total_s": round(time.time() - t_start, 1)}
     if baseline:
         result["baseline"] = {"repo": os.path.abspath(args.baseline_repo), **git_info(args.baseline_repo),
                               "runs": baseline}
-    out = args.out or os.path.join(workdir, f"startup-{os.path.basename(os.path.abspath(args.repo))}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1, ensure_ascii=False)
-    print(json.dumps(result, ensure_ascii=False))
     return result
+
+
+def runs_table(repo, runs, res):
+    lines = [f"repo {repo}; {res['n_records']} records ({res['file_mb']:.1f} MB), {res['n_images']} images, "
+             f"{res['num_workers']} workers per rank, {res['cpus']} CPUs",
+             f"{'ranks':>5} {'start':>7} {'first step s':>13} {'exit s':>8} {'peak RSS/rank MB':>17} "
+             f"{'peak PSS/rank MB':>17} {'rc':>4} {'run CPU s':>9} {'others CPU':>10}"]
+    for r in runs:
+        lines.append(f"{r['ranks']:>5} {r['start']:>7} {str(r['first_step_s']):>13} {r['exit_s']:>8} "
+                     f"{str(r['peak_rss_mb_per_rank']):>17} {str(r['peak_pss_mb_per_rank']):>17} {r['rc']:>4} "
+                     f"{r['cpu']['run_cpu_s']:>9} {r['cpu']['other_processes_share']:>10.0%}")
+    return "\n".join(lines)
+
+
+def ratios_table(baseline, runs):
+    def ratio(b, r, k):
+        return f"{b[k] / r[k]:.1f}x" if b[k] and r[k] else "-"
+    lines = [f"{'ranks':>5} {'start':>7} {'first step: baseline / this':>28} {'PSS: baseline / this':>21}"]
+    for b, r in zip(baseline, runs):
+        lines.append(f"{r['ranks']:>5} {r['start']:>7} {ratio(b, r, 'first_step_s'):>28} "
+                     f"{ratio(b, r, 'peak_pss_mb_per_rank'):>21}")
+    return "\n".join(lines)
+
+
+def table(res) -> str:
+    """The baseline's runs and this repo's, the ratios between them, and the goals."""
+    baseline = res.get("baseline")
+    parts = [runs_table(res["repo"], res["runs"], res)]
+    if baseline:
+        parts = [runs_table(baseline["repo"], baseline["runs"], res)] + parts + \
+            [ratios_table(baseline["runs"], res["runs"])]
+    g = res["goals"]
+    goals = (f"goals: second start's first step {g['second_start_first_step_s']} s (<= {GOAL_FIRST_STEP_S:.0f}: "
+             f"{g['first_step_goal_met']}); peak RSS per rank {g['peak_rss_mb_per_rank']} MB "
+             f"(<= {GOAL_RSS_MB:.0f}: {g['rss_goal_met']}); benchmark took {res['total_s']:.0f} s")
+    return "\n\n".join(parts) + "\n" + goals
+
+
+def main(argv=None):
+    return run_benchmark(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
