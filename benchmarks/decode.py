@@ -29,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, SIZES, in_fresh_process, random_model_files, record  # noqa: E402
+from harness import ROOT, SIZES, in_fresh_process, random_model_files, run_benchmark  # noqa: E402
 
 from model.cli import HelpFormatter  # noqa: E402
 from model.hardware import cpu_has_fast_bf16  # noqa: E402
@@ -179,10 +179,7 @@ def table(res) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    res = measure(args)
-    print(table(res), file=sys.stderr)
-    record(res, args.out)
+    return run_benchmark(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,15 @@ on, fresh processes, timing, peak memory, seeded random models and the JSON reco
 import json
 import multiprocessing as mp
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,10 +54,9 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (VmHWM), MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+def peak_rss_mib(pid="self") -> float:
+    """A process's peak resident memory so far (VmHWM), MiB."""
+    return status_kib(pid, "VmHWM")["VmHWM"] / 1024
 
 
 def _call_and_measure(fn, args, kwargs):
@@ -92,10 +96,8 @@ def best_rate(fn, repeats=3):
 
 def process_stats(pid) -> dict:
     """{'rss_mib', 'fds', 'threads'} of a running process (Linux /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        status = dict(line.split(":", 1) for line in f if ":" in line)
-    return {"rss_mib": int(status["VmRSS"].split()[0]) / 1024, "threads": int(status["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    status = status_kib(pid, "VmRSS", "Threads")  # Threads is a count, not KiB
+    return {"rss_mib": status["VmRSS"] / 1024, "threads": status["Threads"], "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def sync(device):
@@ -182,12 +184,6 @@ def record(result: dict, out=None, command=None) -> dict:
 #   time_call(fn, *args)        fn's result and the seconds it took
 #   files_under(d), drop_page_cache(d)   the files below a directory: count and bytes; their cached pages dropped
 #   run_benchmark(module, argv) a script's main(): its parse_args, measure and table, then record
-# (Imported here rather than at the top so that this block stays apart from changes up there.)
-import re  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
-import threading  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 
 def try_read(path, binary=False):
@@ -226,7 +222,8 @@ def process_tree(pid, children) -> list:
 
 
 def status_kib(pid, *fields) -> dict:
-    """{field: KiB} of /proc/PID/status for memory fields such as VmRSS and VmHWM; 0 for a process gone."""
+    """{field: value} of /proc/PID/status's numeric fields (KiB for memory ones such as VmRSS and VmHWM); 0 for a
+    process gone."""
     out = dict.fromkeys(fields, 0)
     for line in (try_read(f"/proc/{pid}/status") or "").splitlines():
         key = line.split(":", 1)[0]

@@ -38,7 +38,7 @@ import urllib.request
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ENV, ROOT, SIZES, random_model_files, record, run_script  # noqa: E402
+from harness import ENV, ROOT, SIZES, peak_rss_mib, random_model_files, run_benchmark, run_script  # noqa: E402
 
 from model.cli import HelpFormatter  # noqa: E402
 from model.hardware import cpu_has_fast_bf16  # noqa: E402
@@ -85,11 +85,6 @@ def start_server(repo, script, args, ready_path, timeout=300):
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"{script} did not answer {ready_path} within {timeout} s; see {log.name}")
-
-
-def peak_rss_mib(pid) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def image_data_urls(n, seed=0):
@@ -266,10 +261,7 @@ def table(res) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    res = measure(args)
-    print(table(res), file=sys.stderr)
-    record(res, args.out)
+    return run_benchmark(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

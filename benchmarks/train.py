@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ENV, ROOT, SIZES, matmul_peak, record  # noqa: E402
+from harness import ENV, ROOT, SIZES, matmul_peak, run_benchmark  # noqa: E402
 
 from model.cli import HelpFormatter, default_device  # noqa: E402
 from model.hardware import autocast_dtype  # noqa: E402
@@ -243,10 +243,7 @@ def table(res) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    res = measure(args)
-    print(table(res), file=sys.stderr)
-    record(res, args.out)
+    return run_benchmark(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
