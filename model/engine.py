@@ -56,7 +56,7 @@ from .checkpoint import load_vlm, resolve_checkpoint
 from .hardware import InferencePlan, inference_plan
 from .images import MAX_IMAGE_PIXELS, BadImage, clip_pixels, read_image
 from .LMConfig import IMAGE_MARKER
-from .model import FeedForward, KVCache, apply_rope, sample_next_token
+from .model import FeedForward, KVCache, apply_rope, attention, sample_next_token
 from .quant import Int8Linear
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
 from .vision import DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model
@@ -653,22 +653,21 @@ class Scheduler:
         pos = torch.tensor([r.cache.length for r in rows] + [0] * (P - B), device=e.device)
         product = _products(e.row_block is None)
         h = m.tok_embeddings(tokens)  # (P, 1, dim)
-        cos, sin = m.rope_cos[pos][:, None, :], m.rope_sin[pos][:, None, :]  # (P, 1, head_dim)
+        rope = m.rope(pos[:, None])  # (P, 1, 1, head_dim / 2): each row's position
         for layer, (wqkv, wo, w13, w2) in zip(m.layers, e.layer_products):
             att = layer.attention
             hd, nq, nkv = att.head_dim, att.n_heads, att.n_kv_heads
             qkv = product(wqkv, layer.attention_norm(h))
-            qk = apply_rope(qkv[..., :(nq + nkv) * hd].view(P, 1, nq + nkv, hd), cos, sin)  # q and k at once
-            q, k = qk[:, :, :nq].to(e.kv_dtype), qk[:, :, nq:]
+            qk = apply_rope(qkv[..., :(nq + nkv) * hd].view(P, 1, nq + nkv, hd), rope)  # q and k at once
+            q, k = qk[:, :, :nq], qk[:, :, nq:]
             v = qkv[..., (nq + nkv) * hd:].view(P, 1, nkv, hd)
             ys = []
             for b, r in enumerate(rows):
                 kb, vb = r.cache.update(layer.layer_id, k[b:b + 1], v[b:b + 1])
-                ys.append(F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), kb.transpose(1, 2),
-                                                         vb.transpose(1, 2), enable_gqa=nq != nkv))
+                ys.append(attention(q[b:b + 1], kb, vb))
             ys += [ys[0]] * (P - B)  # padding rows: any value, their results are dropped
             y = ys[0] if P == 1 else torch.cat(ys)
-            h = h + product(wo, y.transpose(1, 2).reshape(P, 1, nq * hd).to(h.dtype))
+            h = h + product(wo, y.reshape(P, 1, nq * hd).to(h.dtype))
             x = layer.ffn_norm(h)
             if w13 is None:  # MoE
                 h = h + layer.feed_forward(x)

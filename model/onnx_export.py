@@ -46,14 +46,14 @@ class DecoderWithPast(nn.Module):
     def forward(self, inputs_embeds, past_keys, past_values):
         m = self.model
         T, P = inputs_embeds.shape[1], past_keys.shape[2]
-        cos, sin = m.rope_cos[P:P + T], m.rope_sin[P:P + T]
+        rope = m.rope(slice(P, P + T))
         # query t (position P + t) sees every key up to its own position
         mask = torch.arange(P + T, device=inputs_embeds.device)[None, :] <= (
             torch.arange(T, device=inputs_embeds.device)[:, None] + P)
         cache = PastCache(past_keys, past_values)
         h = inputs_embeds
         for layer in m.layers:
-            h = layer(h, cos, sin, mask, cache)
+            h = layer(h, rope, mask, cache)
         return m.output(m.norm(h)), torch.stack(cache.keys), torch.stack(cache.values)
 
 

@@ -278,3 +278,57 @@ def test_checkpoint_prefixes_and_unsafe_pickle(tmp_path, tiny_cfg):
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="cannot read checkpoint .*evil.pth"):
         read_state_dict(tmp_path / "evil.pth")
+
+
+def rope_pairs_real(x, cos, sin):
+    """RoPE as written before the complex form: (x0 cos - x1 sin, x0 sin + x1 cos) over adjacent pairs."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+
+
+def test_complex_rope_is_the_pairwise_rotation(tiny_cfg):
+    from model.model import apply_rope
+    model = MiniMindVLM(tiny_cfg())
+    x = torch.randn(2, 7, 4, 16)
+    got = apply_rope(x, model.rope(slice(3, 10)))
+    want = rope_pairs_real(x, model.rope_cos[3:10], model.rope_sin[3:10])
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    rows = torch.stack([x[0, :1], x[1, 6:7]])  # a position per row, as the engine does: 3 and 9
+    per_row = apply_rope(rows, model.rope(torch.tensor([[3], [9]])))
+    assert torch.equal(per_row[0], got[0, :1]) and torch.equal(per_row[1], got[1, 6:7])
+
+
+def test_cpu_attention_in_fp32_keeps_bf16_training_logits_and_gradients(tiny_cfg, monkeypatch):
+    """On a CPU, attention runs in fp32 whatever autocast says (model.attention: PyTorch's bf16 CPU flash kernel is
+    2-5x slower). Its logits and gradients under bf16 autocast equal, within bf16's rounding, those of the path it
+    replaced: scaled_dot_product_attention autocast to bf16. Stated tolerance: 2% of the largest value."""
+    import model.model as mm
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_cfg(dim=128, n_heads=4, n_kv_heads=2)).train()
+    ids = torch.randint(10, 6000, (4, 80))
+    ids[:, 3:3 + model.image_ids.numel()] = model.image_ids
+    labels = ids.clone()
+    labels[:, :60] = -100
+    feats = torch.randn(4, 1, 50, 768)
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, feats, labels=labels)
+        out.loss.backward()
+        return out.logits.float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def bf16_sdpa(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):  # the previous path
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                                           is_causal=is_causal, dropout_p=dropout_p, enable_gqa=q.shape[2] != k.shape[2])
+        assert y.dtype == torch.bfloat16  # autocast's
+        return y.transpose(1, 2)
+    logits, grads = run()
+    monkeypatch.setattr(mm, "attention", bf16_sdpa)
+    old_logits, old_grads = run()
+    assert not torch.equal(logits, old_logits)  # really another path
+    assert (logits - old_logits).abs().max() <= 0.02 * old_logits.abs().max()
+    for name, g in grads.items():
+        assert (g - old_grads[name]).abs().max() <= 0.02 * old_grads[name].abs().max(), name
