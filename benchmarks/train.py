@@ -10,8 +10,12 @@ Steady-state samples/s: each script runs once on the first N1 records and once o
   upstream-own  v1's script in its own venv (--upstream_python; ../shared/bench/upstream_v1_harness.sh builds both),
                 as its README runs it; on a CPU it trains in fp32 and encodes every image at every step
   ours-cold     this project's 1-pretrain_vlm.py (--dtype auto) with an empty feature cache: every image is
-                encoded once, in batches, as the first epoch reaches it
+                encoded once, in batches, before the first step
   ours-warm     the same with every image's features already cached: a later epoch, or stage 2 on the same images
+  ours-compiled-cold, ours-compiled-warm   the same with --compile, which --compile auto turns on for runs of
+                2000 steps or more (its compile time is start-up here, and cancels)
+Before the timed runs of ours, an untimed one fills the disk caches (images, torch.compile's kernels), so the
+first timed run does not pay for them alone.
 Achieved TFLOP/s: the model FLOPs of a sample (below) times samples/s, beside this machine's measured matmul
 peak in the dtype the run multiplies in.
 
@@ -46,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--upstream_dir", help="an upstream v1 tree (upstream_v1_harness.sh's mmv1/): its own script is "
                    "timed, and its generated data and tower are used for both")
     p.add_argument("--upstream_python", help="the Python that runs it (default: ../venv/bin/python beside it)")
-    p.add_argument("--quick", action="store_true", help="tiny model, batch 4, records 8 and 24")
+    p.add_argument("--skip_upstream", action="store_true", help="use --upstream_dir's data, but time only ours")
+    p.add_argument("--quick", action="store_true", help="tiny model, batch 4, records 8 and 24, no --compile rows")
+    p.add_argument("--no_compiled", action="store_true", help="leave out the --compile rows")
     p.add_argument("--device", default=default_device(), help="where our script trains (upstream: cpu)")
     p.add_argument("--size", choices=sorted(SIZES), default="27m", help="decoder config (upstream: MMV_DIM/MMV_LAYERS)")
     p.add_argument("--records", type=int, nargs=2, default=[80, 480], metavar=("N1", "N2"),
@@ -59,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.quick:
-        args.size, args.records, args.batch_size = "tiny", [8, 24], 4
+        args.size, args.records, args.batch_size, args.no_compiled = "tiny", [8, 24], 4, True
     return args
 
 
@@ -148,7 +154,7 @@ def upstream_run(args, root, n, work):
                  os.path.join(work, f"upstream_{n}.log"))
 
 
-def ours_run(args, root, n, work, cache, name):
+def ours_run(args, root, n, work, cache, name, flags=()):
     data, images = data_paths(root, n)
     cfg = SIZES[args.size]
     out = tempfile.mkdtemp(prefix="ours-out-", dir=work)
@@ -158,7 +164,7 @@ def ours_run(args, root, n, work, cache, name):
             "--n_kv_heads", cfg["n_kv_heads"], "--batch_size", args.batch_size, "--num_workers", args.num_workers,
             "--epochs", 1, "--dtype", args.dtype, "--device", args.device, "--out_dir", out, "--feature_cache", cache,
             "--data_index", os.path.join(work, "index"), "--log_interval", 100000, "--save_interval", 100000]
-    wall = timed(argv + args.extra.split(), ROOT, ENV, os.path.join(work, f"{name}_{n}.log"))
+    wall = timed(argv + list(flags) + args.extra.split(), ROOT, ENV, os.path.join(work, f"{name}_{n}.log"))
     peaks = [r["peak_gpu_memory_mb"] for path in glob.glob(os.path.join(out, "*_log.jsonl"))
              for r in map(json.loads, open(path)) if "peak_gpu_memory_mb" in r]  # logged on CUDA
     return wall, max(peaks, default=None)
@@ -191,32 +197,35 @@ def measure(args):
         if not os.path.isfile(data_paths(root, n)[0]):
             raise SystemExit(f"{data_paths(root, n)[0]} not found (upstream_v1_harness.sh makes 16, 80 and 480)")
     rows = {}
-    if args.upstream_dir:
+    if args.upstream_dir and not args.skip_upstream:
         rows["upstream-own"] = steady({n: upstream_run(args, root, n, work) for n in (n1, n2)}, n1, n2)
         print(f"  upstream-own: {rows['upstream-own']['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
-    cold = {}
-    for n in (n1, n2):  # each cold run starts from an empty cache
-        cache = os.path.join(work, f"cache-cold-{n}")
-        shutil.rmtree(cache, ignore_errors=True)
-        cold[n] = ours_run(args, root, n, work, cache, "ours-cold")
-    rows["ours-cold"] = steady(cold, n1, n2)
     warm_cache = os.path.join(work, "cache-warm")
-    ours_run(args, root, n2, work, warm_cache, "ours-fill")  # fills the cache with every image; not timed
-    rows["ours-warm"] = steady({n: ours_run(args, root, n, work, warm_cache, "ours-warm") for n in (n1, n2)}, n1, n2)
-    print(f"  ours: cold {rows['ours-cold']['samples_per_s']:.2f}, warm {rows['ours-warm']['samples_per_s']:.2f} "
-          "samples/s", file=sys.stderr, flush=True)
+    variants = [("ours", ["--compile", "off"])] + ([] if args.no_compiled else [("ours-compiled", ["--compile", "on"])])
+    for name, flags in variants:
+        ours_run(args, root, n2, work, warm_cache, f"{name}-fill", flags)  # fills the disk caches; not timed
+        cold = {}
+        for n in (n1, n2):  # each cold run starts from an empty feature cache
+            cache = os.path.join(work, f"cache-cold-{name}-{n}")
+            shutil.rmtree(cache, ignore_errors=True)
+            cold[n] = ours_run(args, root, n, work, cache, f"{name}-cold", flags)
+        rows[f"{name}-cold"] = steady(cold, n1, n2)
+        rows[f"{name}-warm"] = steady({n: ours_run(args, root, n, work, warm_cache, f"{name}-warm", flags)
+                                       for n in (n1, n2)}, n1, n2)
+        print(f"  {name}: cold {rows[f'{name}-cold']['samples_per_s']:.2f}, warm "
+              f"{rows[f'{name}-warm']['samples_per_s']:.2f} samples/s", file=sys.stderr, flush=True)
 
     tokens, labelled = tokens_per_sample(*data_paths(root, n2), os.path.join(ROOT, "model", "minimind_tokenizer"))
     amp = autocast_dtype(torch.device(args.device).type, args.dtype)
     peaks = {"fp32": matmul_peak(args.device, torch.float32), "bf16": matmul_peak(args.device, torch.bfloat16, (1024, 2048), 4)}
     flops = {"upstream-own": train_flops(args.size, UPSTREAM_MAX_SEQ_LEN - 1, UPSTREAM_MAX_SEQ_LEN - 1, True),
-             "ours-cold": train_flops(args.size, tokens, labelled, True),
-             "ours-warm": train_flops(args.size, tokens, labelled, False)}
+             "cold": train_flops(args.size, tokens, labelled, True), "warm": train_flops(args.size, tokens, labelled, False)}
     base = rows.get("upstream-own", {}).get("samples_per_s")
     for name, r in rows.items():
         peak = "fp32" if name == "upstream-own" or amp is None else "bf16"
-        r["gflop_per_sample"] = flops[name] / 1e9
-        r["tflops_per_s"] = flops[name] * r["samples_per_s"] / 1e12
+        f = flops[name if name in flops else name.rsplit("-", 1)[1]]
+        r["gflop_per_sample"] = f / 1e9
+        r["tflops_per_s"] = f * r["samples_per_s"] / 1e12
         r["peak_tflops_per_s"], r["peak_dtype"] = peaks[peak], peak
         r["share_of_peak"] = r["tflops_per_s"] / peaks[peak]
         r["vs_upstream_own"] = r["samples_per_s"] / base if base else None
@@ -233,11 +242,11 @@ def table(res) -> str:
            f"steady state over records {res['records'][0]} -> {res['records'][1]}; ours autocast {res['autocast']}; "
            f"matmul peak fp32 {res['matmul_peak_tflops']['fp32']:.2f}, bf16 {res['matmul_peak_tflops']['bf16']:.2f} "
            "TFLOP/s",
-           f"{'run':<14}{'samples/s':>10}{'x upstream':>11}{'GFLOP/sample':>13}{'TFLOP/s':>9}{'of peak':>9}"]
+           f"{'run':<20}{'samples/s':>10}{'x upstream':>11}{'GFLOP/sample':>13}{'TFLOP/s':>9}{'of peak':>9}"]
     for name, r in res["runs"].items():
         vs = f"{r['vs_upstream_own']:.1f}" if r.get("vs_upstream_own") else "-"
         gpu = f"  peak GPU {r['peak_gpu_memory_mb']:.0f} MB" if "peak_gpu_memory_mb" in r else ""
-        out.append(f"{name:<14}{r['samples_per_s']:>10.2f}{vs:>11}{r['gflop_per_sample']:>13.1f}"
+        out.append(f"{name:<20}{r['samples_per_s']:>10.2f}{vs:>11}{r['gflop_per_sample']:>13.1f}"
                    f"{r['tflops_per_s']:>9.3f}{r['share_of_peak']:>8.1%} {r['peak_dtype']}{gpu}")
     return "\n".join(out)
 

@@ -96,3 +96,22 @@ def inference_plan(device_type: str, dtype: str) -> InferencePlan:
         raise ValueError("--dtype int8 (int8 decoding products) is a CPU path; on CUDA use bfloat16")
     encoder = autocast_dtype(device_type, dtype)
     return InferencePlan(torch.bfloat16 if encoder == torch.bfloat16 else torch.float32, False, encoder)
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a training step frees for the next step, instead of returning each
+    large block to the kernel and faulting fresh pages in again. A step allocates and frees its activations and
+    gradients (blocks of 1-30 MB); by default glibc maps blocks above a threshold with mmap and unmaps them on
+    free, and trims its heap's top, so every step touches hundreds of thousands of new pages: on the 2-core AMX
+    Xeon a 27M step took 476 ms with ~900K page faults a run and 425 ms with ~325K once blocks up to 32 MB come
+    from the heap and the heap is not trimmed below 1 GB. The cost: resident memory stays at the step's peak.
+    Linux glibc only (elsewhere nothing happens); returns whether it applied."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -218,3 +218,16 @@ def test_compile_trains_like_eager(tmp_path, random_tower):
     assert len(compiled) == 3
     assert compiled == pytest.approx(eager, rel=1e-4)
     assert_same_weights(tmp_path / "eager", tmp_path / "compiled")
+
+
+def test_compile_auto_is_on_for_long_runs_where_it_can_build(monkeypatch):
+    import shutil
+    import torch
+    from trainer.train import COMPILE_MIN_STEPS, compile_wanted
+    cpu = torch.device("cpu")
+    assert compile_wanted("on", 10, cpu) and not compile_wanted("off", 10 ** 6, cpu)
+    assert not compile_wanted("auto", COMPILE_MIN_STEPS - 1, cpu)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert compile_wanted("auto", COMPILE_MIN_STEPS, cpu)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler: inductor could not build kernels
+    assert not compile_wanted("auto", COMPILE_MIN_STEPS, cpu)
