@@ -239,7 +239,8 @@ def chat(args):
         moe = "_moe" if args.use_moe else ""
         args.ckpt = f"out/{args.dim}{moe}_vlm_{'sft' if args.model_mode == 1 else 'pretrain'}"
     batch = dict(max_batch=args.batch_size) if args.data_path else {}  # batch mode: decode a whole batch together
-    engine = ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype, **batch)
+    engine = ChatEngine.load(args.ckpt, args.vision_model, args.tokenizer, args.device, args.dtype,
+                             max_seq_len=args.max_seq_len, **batch)
     args.ckpt = resolve_checkpoint(args.ckpt)
     print(f"MiniMind-V {args.ckpt}: {engine.model.num_parameters() / 1e6:.2f}M parameters "
           f"(dim {engine.cfg.dim}, {engine.cfg.n_layers} layers)", file=sys.stderr)

@@ -31,7 +31,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from model.checkpoint import load_vlm, resolve_checkpoint, save_weights
+from model.checkpoint import load_vlm, resolve_checkpoint, save_weights, trained_context
 from model.cli import HelpFormatter, add_model_args
 from model.hf_formats import IMAGE_TOKEN, PROJECTOR_FILE, llama_config_fields, llava_config_fields, to_llama, to_llava
 from model.images import CLIP_MEAN, CLIP_STD, IMAGE_SIZE
@@ -145,6 +145,9 @@ def export(ckpt, out, tokenizer_dir=DEFAULT_TOKENIZER, vision_model=DEFAULT_VISI
     tokenizer = load_tokenizer(tokenizer_dir)
     ckpt = resolve_checkpoint(ckpt)
     model, cfg = load_vlm(ckpt, tokenizer)
+    trained, _ = trained_context(ckpt)
+    if trained:  # every format records the context as the length it was trained with (max_position_embeddings)
+        cfg.max_seq_len = min(cfg.max_seq_len, trained)
     if cfg.use_moe and fmt != "minimind":
         raise ValueError(f"{ckpt} is a mixture-of-experts model: stock {fmt} has no MoE feed-forward; export it "
                          "with --format minimind (transformers' remote code, trust_remote_code=True)")

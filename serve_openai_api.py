@@ -4,7 +4,13 @@
 
   POST /v1/chat/completions   messages (text and image_url parts), temperature, top_p, top_k, max_tokens,
                               seed, stream (server-sent events in the chunk format, stream_options.include_usage)
-  GET  /v1/models             the one model served
+  GET  /v1/models             the one model served, with its context (max_model_len)
+  GET  /health                no key needed: {"status": "ok" | "draining", slots busy, requests waiting}
+
+Keys: with --api_key KEY (repeatable), --api_key_file FILE (one a line) or the environment variable
+MINIMIND_API_KEY (comma-separated; keeps keys out of shell history and process lists), every /v1/ route needs
+`Authorization: Bearer KEY` (what the openai client sends); a missing or wrong key gets 401 (the client raises
+AuthenticationError), and the attempt is logged without the key. A non-loopback --host needs a key (or --no_auth).
 
 Images come inside the request as data URLs ("data:image/png;base64,..."): the server never fetches a remote
 URL or opens a local path. Request bodies and images are bounded (--max_request_bytes, --max_image_bytes,
@@ -13,12 +19,17 @@ URL or opens a local path. Request bodies and images are bounded (--max_request_
 Concurrent requests are decoded together (continuous batching, up to --max_batch answers at once). A request
 beyond them waits, in arrival order, for a free slot: its client sees a later first token, not an error.
 When --max_waiting requests already wait, a new one gets 429 (code "server_busy", with a Retry-After header),
-which the openai client retries by itself. A streaming client that disconnects mid-answer frees its slot at
-once; a non-streaming request runs to its end.
+which the openai client retries by itself. A client that disconnects mid-answer, streaming or not, frees its
+slot at once. The prompt and the answer together fit the model's context: the length it was trained with.
+
+SIGTERM or Ctrl-C: the server stops accepting connections, the answers in flight go on for up to
+--drain_seconds (new requests meanwhile get 503), the rest are cancelled, and it exits 0.
 """
 import argparse
+import asyncio
 import base64
 import binascii
+import hmac
 import json
 import os
 import sys
@@ -35,8 +46,10 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.cli import HelpFormatter, add_serving_args, load_engine, serve_engine  # noqa: E402
-from model.engine import MAX_IMAGE_BYTES, Busy, InputError, PromptTooLong, TooLarge, open_image  # noqa: E402
+from model.cli import (HelpFormatter, add_serving_args, load_engine, read_secrets, require_auth,  # noqa: E402
+                       serve_engine)
+from model.engine import (MAX_IMAGE_BYTES, Busy, InputError, PromptTooLong, ShuttingDown, TooLarge,  # noqa: E402
+                          open_image)
 from model.images import MAX_IMAGE_PIXELS  # noqa: E402
 
 MAX_REQUEST_BYTES = 16 * 2 ** 20
@@ -46,8 +59,22 @@ DEFAULTS = dict(temperature=0.65, top_p=0.85, max_tokens=256)  # the model's cha
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_serving_args(p, default_port=8998)
+    p.add_argument("--api_key", action="append", help="a key clients must send as 'Authorization: Bearer KEY' "
+                   "(repeatable; also --api_key_file and MINIMIND_API_KEY)")
+    p.add_argument("--api_key_file", help="a file of keys, one a line")
     p.add_argument("--max_request_bytes", type=int, default=MAX_REQUEST_BYTES, help="largest request body")
     return p.parse_args(argv)
+
+
+def key_matches(header: str, keys) -> bool:
+    """Whether an Authorization header carries one of the keys, compared in constant time (every key is compared,
+    so the time says nothing about which or how much of one matched)."""
+    scheme, _, given = (header or "").partition(" ")
+    given = given.strip().encode() if scheme.lower() == "bearer" else b""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode())
+    return found and bool(given)
 
 
 class ApiError(Exception):
@@ -137,19 +164,65 @@ def parse_messages(body, limits):
     return out, images
 
 
-def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None, max_image_pixels=None):
+class RequireKey:
+    """ASGI middleware: a request under /v1/ without one of the keys gets 401 and a log line (without the key).
+    (A plain ASGI layer: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the route.)"""
+
+    def __init__(self, app, keys):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not key_matches(header, self.keys):
+                client = scope["client"][0] if scope.get("client") else "?"
+                print(f"refused: {client} {scope['method']} {scope['path']} sent {'a wrong key' if header else 'no key'}",
+                      file=sys.stderr, flush=True)
+                response = error_response(401, "a valid API key is needed: send 'Authorization: Bearer <key>'", None,
+                                          "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def answer_unless_gone(request: Request, generation, poll_s=0.1):
+    """The whole answer of a non-streaming request, written in a worker thread; if the client disconnects
+    meanwhile the generation is cancelled, which frees its slot at once (its text, cut short, goes nowhere)."""
+    task = asyncio.ensure_future(run_in_threadpool(generation.text))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=poll_s)
+            if not task.done() and await request.is_disconnected():
+                generation.cancel()
+        return task.result()
+    finally:
+        generation.cancel()  # a no-op after the end
+
+
+def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None, max_image_pixels=None,
+               api_keys=()):
+    """The FastAPI app; with api_keys, every /v1/ route needs one of them."""
     limits = (max_image_bytes or MAX_IMAGE_BYTES, max_image_pixels or MAX_IMAGE_PIXELS)
     app = FastAPI(title="MiniMind-V OpenAI-compatible API", docs_url=None, redoc_url=None)
     created = int(time.time())
+    if api_keys:
+        app.add_middleware(RequireKey, keys=list(api_keys))
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
         return error_response(e.status, e.message, e.param, e.code, e.headers)
 
+    @app.get("/health")
+    async def health():
+        load = engine.scheduler().load()
+        return JSONResponse({"status": "ok" if engine.accepting else "draining", "model": engine.name,
+                             "context": engine.context, "slots": engine.max_batch, "busy": load["active"],
+                             "waiting": load["waiting"], "max_waiting": engine.max_waiting},
+                            status_code=200 if engine.accepting else 503)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": created,
-                                            "owned_by": "minimind-v"}]}
+                                            "owned_by": "minimind-v", "max_model_len": engine.context}]}
 
     async def read_json(request: Request):
         declared = request.headers.get("content-length")
@@ -181,8 +254,10 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
             temperature=number(body, "temperature", DEFAULTS["temperature"], 0, 2),
             top_p=number(body, "top_p", DEFAULTS["top_p"], 1e-6, 1),
             top_k=number(body, "top_k", 0, 0, 100000, int),  # not in OpenAI's API; vLLM and others take it
-            max_new_tokens=number(body, max_tokens, DEFAULTS["max_tokens"], 1, engine.cfg.max_seq_len, int),
+            max_new_tokens=number(body, max_tokens, DEFAULTS["max_tokens"], 1, engine.context, int),
             seed=number(body, "seed", None, -2 ** 63, 2 ** 63 - 1, int))
+        if not engine.accepting:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
         features = await run_in_threadpool(engine.encode, images) if images else None
         try:
             generation = engine.generate(messages, features, **params)
@@ -190,12 +265,14 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
             raise ApiError(400, str(e), "messages", "context_length_exceeded" if isinstance(e, PromptTooLong) else None)
         except Busy as e:
             raise ApiError(429, str(e), code="server_busy", headers={"Retry-After": "1"})
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), code="shutting_down")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = lambda: {"prompt_tokens": generation.prompt_tokens,  # noqa: E731
                          "completion_tokens": generation.completion_tokens,
                          "total_tokens": generation.prompt_tokens + generation.completion_tokens}
         if not body.get("stream"):
-            text = await run_in_threadpool(generation.text)
+            text = await answer_unless_gone(request, generation)
             return {"id": rid, "object": "chat.completion", "created": now, "model": engine.name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": generation.finish_reason, "logprobs": None}],
@@ -232,15 +309,21 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
 def main(argv=None):
     import uvicorn
     args = parse_args(argv)
+    keys = read_secrets(args.api_key, args.api_key_file, "MINIMIND_API_KEY", "API key")
+    require_auth(args, bool(keys), "--api_key KEY (or MINIMIND_API_KEY, or --api_key_file)")
     engine = load_engine(args)
     print(f"MiniMind-V: {engine.describe()}", file=sys.stderr)
     torch.set_grad_enabled(False)
-    app = create_app(engine, args.max_request_bytes, args.max_image_bytes, args.max_image_pixels)
-    print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    app = create_app(engine, args.max_request_bytes, args.max_image_bytes, args.max_image_pixels, keys)
+    print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1"
+          f"{f' ({len(keys)} key(s))' if keys else ''}", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=max(1, int(args.drain_seconds))))
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
-    serve_engine(engine, lambda: (setattr(server, "should_exit", True), thread.join(10)), thread)
+    # on SIGTERM: uvicorn stops accepting (should_exit) while this thread finishes the answers in flight
+    serve_engine(engine, lambda: setattr(server, "should_exit", True), lambda: thread.join(args.drain_seconds + 10),
+                 args.drain_seconds, thread, args.status_interval)
 
 
 if __name__ == "__main__":

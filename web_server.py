@@ -9,6 +9,10 @@ of several visitors are decoded together, one forward pass per token for all of 
 up to --max_batch at once); later visitors wait in Gradio's queue, which shows them their place (up to
 --max_waiting, then Gradio says the queue is full). Nothing is fetched from the
 internet (no analytics, no web fonts).
+
+A login (--auth USER:PASSWORD, repeatable, or --auth_file with one USER:PASSWORD a line) puts Gradio's login page
+in front; a non-loopback --host or --share needs one (or --no_auth). SIGTERM or Ctrl-C: new questions are
+refused, the answers in flight go on for up to --drain_seconds, and it exits 0.
 """
 import argparse
 import base64
@@ -24,8 +28,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
-from model.cli import HelpFormatter, add_serving_args, load_engine, serve_engine  # noqa: E402
-from model.engine import Busy, InputError, open_image  # noqa: E402
+from model.cli import (HelpFormatter, add_serving_args, load_engine, read_secrets, require_auth,  # noqa: E402
+                       serve_engine)
+from model.engine import Busy, InputError, ShuttingDown, open_image  # noqa: E402
 
 EXAMPLE_IMAGES_DIR = "dataset/eval_images"
 EXAMPLE_QUESTIONS = ["Describe this image.", "What colour is the shape?", "What shape is it?",
@@ -39,7 +44,10 @@ CSS = "#status p { color: #c62828; font-weight: 600; margin: 0; }"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_serving_args(p, default_port=7788)
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet and a "
+                   "login)")
+    p.add_argument("--auth", action="append", metavar="USER:PASSWORD", help="a login for the page (repeatable)")
+    p.add_argument("--auth_file", help="a file of logins, one USER:PASSWORD a line")
     p.add_argument("--examples_dir", default=EXAMPLE_IMAGES_DIR, help="example images shown under the upload")
     return p.parse_args(argv)
 
@@ -127,7 +135,7 @@ def build_app(engine, args):
         try:
             generation = engine.generate(messages, state["features"], max_new_tokens=max_new_tokens,
                                          temperature=temperature, top_k=int(top_k), top_p=top_p)
-        except (InputError, Busy) as e:
+        except (InputError, Busy, ShuttingDown) as e:
             yield refuse(e)
             return
         view = chat_view(messages) + [{"role": "assistant", "content": ""}]
@@ -165,8 +173,8 @@ def build_app(engine, args):
                     temperature = gr.Slider(0, 1.5, value=0.65, step=0.05, label="temperature (0: greedy)")
                     top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0: off)")
                     top_p = gr.Slider(0.05, 1.0, value=0.85, step=0.05, label="top-p")
-                    max_new = gr.Slider(1, engine.cfg.max_seq_len, step=1, label="max new tokens",
-                                        value=min(256, engine.cfg.max_seq_len))
+                    max_new = gr.Slider(1, engine.context, step=1, label="max new tokens",
+                                        value=min(256, engine.context))
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Chat", height=540, elem_id="chat", buttons=["copy"])
                 status = gr.Markdown("", elem_id="status")
@@ -192,16 +200,33 @@ def build_app(engine, args):
     return app, theme
 
 
+def logins(args) -> list:
+    """[(user, password)] from --auth and --auth_file; exits naming a malformed entry."""
+    pairs = []
+    for entry in read_secrets(args.auth, args.auth_file, what="login"):
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("error: a login must be USER:PASSWORD, both non-empty (got an entry without "
+                             f"{'a colon' if not sep else 'a user' if not user else 'a password'})")
+        pairs.append((user, password))
+    return pairs
+
+
 def main(argv=None):
     args = parse_args(argv)
+    auth = logins(args)
+    require_auth(args, bool(auth), "--auth USER:PASSWORD (or --auth_file)",
+                 "--share opens a public link" if args.share else None)
     engine = load_engine(args)
     print(f"MiniMind-V: {engine.describe()}", file=sys.stderr)
     app, theme = build_app(engine, args)
     app.queue(max_size=args.max_waiting, default_concurrency_limit=args.max_batch)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, ssr_mode=False,
                max_file_size=args.max_image_bytes, theme=theme, css=CSS, footer_links=["gradio"],
-               show_error=False, quiet=False, prevent_thread_lock=True)
-    serve_engine(engine, app.close)  # the answers are computed on this, the main, thread
+               show_error=False, quiet=False, prevent_thread_lock=True, auth=auth or None,
+               auth_message="MiniMind-V: log in to chat with the model")
+    # the answers are computed on this, the main, thread; on SIGTERM the engine refuses new questions (drain)
+    serve_engine(engine, lambda: None, app.close, args.drain_seconds, status_interval=args.status_interval)
 
 
 if __name__ == "__main__":

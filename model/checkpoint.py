@@ -288,6 +288,31 @@ def _lm_config(d: dict, path) -> LMConfig:
         raise CheckpointError(f"the model config in {path} is not valid: {e}") from None
 
 
+UPSTREAM_TRAINED_LEN = 200  # upstream v1 trains both stages at its LMConfig.max_seq_len, 200 tokens
+
+
+def trained_context(ckpt_path):
+    """(tokens, how it is known): the sequence length a checkpoint was trained with, which is what serving admits
+    as prompt + answer (RoPE positions beyond it were never trained). From the training script's sidecar JSON (the
+    run's --max_seq_len), or an export's config (max_position_embeddings; lm_config.max_seq_len for --format
+    minimind, both written from the trained length); (None, why) where the file does not say (upstream's .pth)."""
+    p = Path(ckpt_path)
+    try:
+        if p.is_dir():
+            config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            text = config.get("text_config", config)
+            n = text.get("max_position_embeddings") or (config.get("lm_config") or {}).get("max_seq_len")
+            return (int(n), f"{p / 'config.json'}") if n else (None, f"{p / 'config.json'} gives no length")
+        if sidecar_path(p).is_file():
+            meta = json.loads(sidecar_path(p).read_text(encoding="utf-8"))
+            n = (meta.get("args") or {}).get("max_seq_len")
+            return (int(n), f"the training run's --max_seq_len ({sidecar_path(p)})") if n else (
+                None, f"{sidecar_path(p)} records no training length")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+        return None, f"its config could not be read ({type(e).__name__}: {e})"
+    return None, f"{p} has no sidecar JSON (upstream's files do not record their training length)"
+
+
 def load_vlm(ckpt_path, tokenizer, device="cpu", dtype=torch.float32):
     """A MiniMindVLM, its weights in `dtype`, from a .safetensors/.pth checkpoint (config from its sidecar
     JSON, else inferred from tensor shapes) or from a directory written by export_model.py in any --format (a

@@ -42,7 +42,9 @@ experts see a varying number of rows, so with use_moe answers are equal only up 
 import collections
 import io
 import secrets
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .batch_invariance import decode_row_block, encode_pass, shared_prefill_rows
-from .checkpoint import load_vlm, resolve_checkpoint
+from .checkpoint import UPSTREAM_TRAINED_LEN, load_vlm, resolve_checkpoint, trained_context
 from .hardware import InferencePlan, inference_plan
 from .images import MAX_IMAGE_PIXELS, BadImage, clip_pixels, read_image
 from .LMConfig import IMAGE_MARKER
@@ -77,6 +79,10 @@ class TooLarge(InputError):
 
 class Busy(RuntimeError):
     """Every decoding slot is taken and the waiting line is full: try again later (HTTP 429)."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server is stopping: answers in flight finish, new ones are refused (HTTP 503)."""
 
 
 class PromptTooLong(InputError):
@@ -158,7 +164,7 @@ class Generation:
         self.engine, self.ids, self.image_features = engine, ids, image_features
         self.prompt_tokens, self.completion_tokens = len(ids), 0
         self.finish_reason = None
-        room = engine.cfg.max_seq_len - len(ids)
+        room = engine.context - len(ids)
         self.max_new_tokens = max(0, min(int(max_new_tokens), room))
         self.sampling = sampling
         self.seed = secrets.randbits(63) if seed is None else int(seed)
@@ -209,12 +215,16 @@ class ChatEngine:
 
     row_block: None (the default) asks this machine's kernels how to batch a decoding step's rows so that each
     row's result does not depend on the others (model/batch_invariance.py); an int forces the step's rows to be
-    padded to a multiple of it in one product, which on some CPUs makes an answer depend on its batch."""
+    padded to a multiple of it in one product, which on some CPUs makes an answer depend on its batch.
+    context: the most tokens a conversation may hold, prompt and answer together (the length the model was trained
+    with; default and upper bound: its config's max_seq_len, the RoPE tables' length)."""
 
     def __init__(self, model, tokenizer, vision_model, autocast=None, name="MiniMind-V", vision_name="",
-                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=None, int8=False):
+                 max_batch=MAX_BATCH, max_waiting=MAX_WAITING, row_block=None, int8=False, context=None):
         self.model, self.tokenizer, self.vision = model.eval(), tokenizer, vision_model
         self.cfg = model.params
+        self.context = min(int(context or self.cfg.max_seq_len), self.cfg.max_seq_len)
+        self.accepting = True  # False while a server drains: generate() refuses with ShuttingDown
         self.device = model.output.weight.device
         self.dtype = model.output.weight.dtype  # the decoder's weights and activations
         self.autocast = autocast  # dtype the image encoder runs in (None: fp32)
@@ -241,14 +251,17 @@ class ChatEngine:
 
     @classmethod
     def load(cls, ckpt, vision_model=DEFAULT_VISION_MODEL, tokenizer=DEFAULT_TOKENIZER, device=None, dtype="auto",
-             **batching):
+             max_seq_len=None, **batching):
         """From a checkpoint (.safetensors/.pth/stem/export directory), a CLIP directory and a tokenizer
         directory (batching: max_batch, max_waiting, row_block). dtype: 'auto' (model/hardware.py's rule),
         'float32', 'bfloat16', 'float16' (autocasts the image encoder only) or 'int8' (weight-only int8 decoder
-        products, CPU). Missing or mismatched files raise FileNotFoundError or ValueError naming them."""
+        products, CPU). The context is the length the checkpoint was trained with (max_seq_len overrides it, with
+        a warning; a file that does not say gets upstream v1's 200, with a notice). Missing or mismatched files
+        raise FileNotFoundError or ValueError naming them."""
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         tok = load_tokenizer(tokenizer)
         ckpt = resolve_checkpoint(ckpt)
+        context = serving_context(ckpt, max_seq_len)
         plan = inference_plan(device.type, dtype)
         # RMSNorm, RoPE and the sampled logits stay fp32 (model.py), and so does the KV cache on CPU (kv_dtype).
         # fp16 weights are not used: an fp16 residual stream can overflow where bf16's range cannot. The weights
@@ -256,13 +269,13 @@ class ChatEngine:
         model, _ = load_vlm(ckpt, tok, device, plan.dense)
         vision = load_vision_model(vision_model, device, plan.encoder or torch.float32)
         return cls(model, tok, vision, plan.encoder, Path(ckpt).stem, Path(vision_model).name, int8=plan.int8_decoding,
-                   **batching)
+                   context=context, **batching)
 
     def describe(self) -> str:
         moe = ", MoE" if self.cfg.use_moe else ""
         random = " (random init: demo only)" if "random" in self.vision_name else ""
         return (f"{self.name} · {self.model.num_parameters() / 1e6:.1f}M parameters (dim {self.cfg.dim}, "
-                f"{self.cfg.n_layers} layers{moe}, context {self.cfg.max_seq_len}, {self.plan.describe()}) · "
+                f"{self.cfg.n_layers} layers{moe}, context {self.context}, {self.plan.describe()}) · "
                 f"vision: {self.vision_name}{random} · {self.device}")
 
     # -- images -------------------------------------------------------------------------------------------
@@ -296,10 +309,11 @@ class ChatEngine:
         if int(found[0]) != n_images:
             raise InputError(f"the conversation has {int(found[0])} image placeholder(s) for {n_images} image(s)"
                              f" (is there a literal '{IMAGE_MARKER}' or a run of '<'/'>' in the text?)")
-        if len(ids) >= self.cfg.max_seq_len:
-            limit = self.cfg.max_seq_len - 1
-            raise PromptTooLong(f"the conversation is {len(ids)} tokens; this model reads at most {limit} before "
-                                "answering. Start a new conversation or ask something shorter.", len(ids), limit)
+        if len(ids) >= self.context:
+            limit = self.context - 1
+            raise PromptTooLong(f"the conversation is {len(ids)} tokens; this model's context is {self.context} "
+                                f"tokens, so it reads at most {limit} before answering. Start a new conversation "
+                                "or ask something shorter.", len(ids), limit)
         return ids
 
     def generate(self, messages, image_features=None, max_new_tokens=256, temperature=0.65, top_k=None,
@@ -313,6 +327,8 @@ class ChatEngine:
             raise InputError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down: it finishes the answers in flight and takes no new ones")
         if self._scheduler.queued() >= self.max_batch + self.max_waiting:
             raise Busy(f"the server is busy: {self.max_batch} answers are being written and {self.max_waiting} "
                        "more are waiting; try again in a moment")
@@ -331,6 +347,23 @@ class ChatEngine:
         for g in gens:  # all queued before any is read, so that they decode together
             g.start()
         return [self.tokenizer.decode(list(g.token_ids()), skip_special_tokens=True).strip() for g in gens]
+
+
+def serving_context(ckpt, max_seq_len=None) -> int:
+    """The context to serve a checkpoint with (see ChatEngine.load); says on stderr where it came from when that is
+    not the checkpoint itself."""
+    trained, how = trained_context(ckpt)
+    if max_seq_len:
+        if max_seq_len != trained:
+            print(f"warning: serving with context {max_seq_len} (--max_seq_len), but the model was trained with "
+                  f"{trained if trained else 'an unrecorded length'}: positions past that were never trained",
+                  file=sys.stderr)
+        return int(max_seq_len)
+    if trained:
+        return trained
+    print(f"note: {how}; serving with context {UPSTREAM_TRAINED_LEN}, upstream v1's training length "
+          "(--max_seq_len sets another)", file=sys.stderr)
+    return UPSTREAM_TRAINED_LEN
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,24 +499,41 @@ class Scheduler:
             self.driver = None
             self.cond.notify_all()
 
-    def serve_forever(self):
-        """Run the engine's turns on this thread (a server's main thread) until stop() is called; the threads
-        that submit requests then only wait. KeyboardInterrupt ends it too."""
+    def serve_forever(self, until=None, tick=None, tick_seconds=60.0):
+        """Run the engine's turns on this thread (a server's main thread) until stop() is called or until()
+        (checked at least every second) is true; the threads that submit requests then only wait. tick() is called
+        every tick_seconds (a server's status line). KeyboardInterrupt ends it too."""
         me = threading.current_thread()
+        next_tick = time.monotonic() + tick_seconds
         with self.cond:
             if self.resident is not None:
                 raise RuntimeError(f"the engine is already served by {self.resident.name}")
             self.resident, self.stopping = me, False
             try:
-                while True:
-                    while not self.stopping and (self.driver is not None or not self._has_work()):
-                        self.cond.wait()
-                    if self.stopping:
-                        return
-                    self._turn(me)
+                while not self.stopping and not (until and until()):
+                    if tick and time.monotonic() >= next_tick:
+                        next_tick = time.monotonic() + tick_seconds
+                        self.cond.release()
+                        try:
+                            tick()
+                        finally:
+                            self.cond.acquire()
+                    if self.driver is not None or not self._has_work():
+                        self.cond.wait(1.0)
+                    else:
+                        self._turn(me)
             finally:
                 self.resident = None
                 self.cond.notify_all()  # waiting consumers run the turns themselves from now on
+
+    def cancel_all(self) -> int:
+        """Cancel every request decoding or waiting (a server's drain time is over); how many."""
+        with self.cond:
+            requests = [r for r in self.active + list(self.waiting) if r.finish_reason is None and not r.cancelled]
+            for r in requests:
+                r.cancelled = True
+            self.cond.notify_all()
+        return len(requests)
 
     def stop(self):
         """End serve_forever after its current turn."""

@@ -433,10 +433,14 @@ def test_concurrent_encodes_equal_solo_and_share_passes_where_alike(tiny_cfg, to
 # -- through the OpenAI-compatible API: real HTTP, a server in this process ---------------------------------
 
 
-@pytest.fixture
-def api_url(tiny_cfg, tokenizer):
+API_KEY = "sk-test-key"
+
+
+@pytest.fixture(params=[(), (API_KEY,)], ids=["open", "keyed"])
+def api_url(tiny_cfg, tokenizer, request):
     """serve_openai_api's app on a free port, over a random model that rarely ends an answer early, with one
-    decoding slot and one waiting place."""
+    decoding slot and one waiting place; with and without an API key (the key's middleware must not hide a
+    client's disconnect)."""
     import socket
 
     import uvicorn
@@ -445,10 +449,12 @@ def api_url(tiny_cfg, tokenizer):
     torch.manual_seed(0)
     model = MiniMindVLM(tiny_cfg(dim=128, n_layers=4, max_seq_len=8192)).eval()
     engine = ChatEngine(model, tokenizer, None, max_batch=1, max_waiting=1)
+    engine.headers = {"authorization": f"Bearer {API_KEY}"} if request.param else {}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_keys=request.param), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -466,12 +472,13 @@ def test_api_busy_429_and_disconnect_frees_the_slot(api_url):
     body = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[1]}], "temperature": 0,
             "max_tokens": 8000, "stream": True}
     started = time.time()  # seconds of decoding, unless the client goes away
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, headers=engine.headers) as http:
         with http.stream("POST", url + "/v1/chat/completions", json=body) as first:  # holds the slot
             lines = first.iter_lines()
             while '"content": ""' in next(lines) or engine.scheduler().load()["active"] == 0:
                 pass  # until the first text arrives
             waiting = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", timeout=60,
+                                                                 headers=engine.headers,
                                                                  json=dict(body, stream=False, max_tokens=5)))
             waiting.start()  # takes the waiting place
             deadline = time.time() + 10
@@ -481,7 +488,7 @@ def test_api_busy_429_and_disconnect_frees_the_slot(api_url):
             assert full.status_code == 429
             assert full.headers["retry-after"] == "1"
             assert full.json()["error"]["code"] == "server_busy"
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
             with pytest.raises(openai.RateLimitError):
                 client.chat.completions.create(model="m", messages=body["messages"], max_tokens=5)
         # the streaming client is gone: its slot frees, the waiting request is answered
@@ -494,3 +501,28 @@ def test_api_busy_429_and_disconnect_frees_the_slot(api_url):
         assert engine.scheduler().cancelled == 1  # the first answer was stopped, not finished
         print(f"slot freed {time.time() - started:.1f} s after the first request")
         assert http.post(url + "/v1/chat/completions", json=dict(body, stream=False, max_tokens=5)).status_code == 200
+
+
+def test_api_non_streaming_client_that_disconnects_frees_the_slot(api_url):
+    """One slot: a long non-streaming answer holds it and a second request waits; the first client gives up after
+    2 s (its connection closes); the server notices while it writes the answer, cancels it, and the waiting request
+    is answered then, not after the whole 8000-token answer."""
+    import httpx
+    url, engine = api_url
+    body = {"model": "m", "messages": [{"role": "user", "content": QUESTIONS[1]}], "temperature": 0,
+            "max_tokens": 8000}
+    out = {}
+
+    def second():
+        time.sleep(0.5)  # the first holds the slot by then
+        t = time.time()
+        r = httpx.post(url + "/v1/chat/completions", json=dict(body, max_tokens=5), timeout=120, headers=engine.headers)
+        out["status"], out["waited_s"] = r.status_code, time.time() - t
+    thread = threading.Thread(target=second)
+    thread.start()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(120, read=2.0), headers=engine.headers)
+    thread.join(60)
+    assert out["status"] == 200 and out["waited_s"] < 20
+    assert engine.scheduler().cancelled == 1  # stopped, not finished
+    assert engine.scheduler().load() == {"active": 0, "waiting": 0}

@@ -130,10 +130,10 @@ def test_engine_refuses_bad_conversations(engine):
         engine.generate(first_turn(), None)
     with pytest.raises(InputError, match="2 image placeholder\\(s\\) for 1 image"):
         engine.generate([{"role": "user", "content": f"<image>\n{IMAGE_PLACEHOLDER}"}], feats)
-    with pytest.raises(PromptTooLong, match="tokens; this model reads at most 8191"):
+    with pytest.raises(PromptTooLong, match="context is 128 tokens, so it reads at most 127"):  # trained at 128
         engine.generate(first_turn("why " * 9000), feats)
     g = engine.generate(first_turn(), feats, max_new_tokens=10 ** 6)
-    assert g.max_new_tokens == engine.cfg.max_seq_len - g.prompt_tokens  # clamped to the context
+    assert g.max_new_tokens == engine.context - g.prompt_tokens == 128 - g.prompt_tokens  # clamped to the context
 
 
 def test_servers_bind_localhost_by_default():

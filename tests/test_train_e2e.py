@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from model.checkpoint import trained_context
 from tests.conftest import ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", WANDB_MODE="offline",
@@ -51,7 +52,8 @@ def losses(out, name):
 def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
     out = tmp_path / "out"
     run(sys.executable, "1-pretrain_vlm.py", "--data_path", demo_data / "pretrain.jsonl", "--init_from", "none",
-        "--batch_size", 8, "--epochs", 3, "--learning_rate", 3e-3, *common(demo_data, random_tower, out))
+        "--batch_size", 8, "--epochs", 3, "--learning_rate", 3e-3, "--max_seq_len", 120,
+        *common(demo_data, random_tower, out))
     pre = losses(out, "64_vlm_pretrain")
     assert len(pre) == 18 and sum(pre[-3:]) / 3 < 0.85 * sum(pre[:3]) / 3, pre
     for f in ("64_vlm_pretrain.safetensors", "64_vlm_pretrain.json", "64_vlm_pretrain_loss.png"):
@@ -63,6 +65,8 @@ def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
     p = run(sys.executable, "2-sft_vlm.py", "--data_path", demo_data / "sft.jsonl", "--batch_size", 8,
             "--max_steps", 6, "--learning_rate", 1e-3, *common(demo_data, random_tower, out))
     assert "64_vlm_pretrain.safetensors" in p.stdout
+    assert "sequences up to 120 tokens" in p.stdout  # stage 2 trains at stage 1's length unless told otherwise
+    assert trained_context(out / "64_vlm_sft.safetensors")[0] == 120  # and records it: the served context
     sft = losses(out, "64_vlm_sft")
     assert len(sft) == 6 and sft[-1] < sft[0]
 

@@ -139,7 +139,8 @@ def test_errors_are_shown_in_the_page(web, browser, images):
         page.ask("   ")
         assert "Type a question" in page.wait_status("Type a question")
         page.ask("why " * 9000)
-        assert "this model reads at most 8191" in page.wait_status("reads at most")
+        assert "this model's context is 128 tokens" in page.wait_status("reads at most")  # the trained length
+        assert "context 128" in page.page.locator("#header").inner_text()
         assert page.wait_answer(page.ask(QUESTION)) == "green"
         assert "Traceback" not in page.page.content()
     finally:
@@ -205,3 +206,28 @@ def test_every_corpus_image_is_answered_or_explained(web, browser, tmp_path):
         assert "Traceback" not in page.page.content()
     finally:
         page.close()
+
+
+def test_the_login_refuses_a_wrong_password(served_model, random_tower, browser, tmp_path):
+    """--auth puts Gradio's login page in front of the demo: a wrong password stays on it, the right one opens it."""
+    ckpt, _ = served_model
+    server = Server(["web_server.py", "--ckpt", ckpt, "--vision_model", random_tower, "--device", "cpu",
+                     "--auth", "alice:wonderland-42"], ROOT, ENV, tmp_path / "server.log")
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        def log_in(user, password):
+            page.goto(server.url)
+            page.wait_for_selector("input[type=password]", timeout=TIMEOUT_MS)
+            page.locator("input:not([type=password])").first.fill(user)
+            page.locator("input[type=password]").fill(password)
+            page.locator("button:has-text('Login')").click()
+        log_in("alice", "wrong-password")
+        page.wait_for_timeout(1500)
+        assert page.locator("#question textarea").count() == 0  # still locked
+        assert page.locator("input[type=password]").count() == 1
+        log_in("alice", "wonderland-42")
+        page.wait_for_selector("#question textarea", timeout=TIMEOUT_MS)  # the demo itself
+    finally:
+        context.close()
+        server.stop()

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint
+from model.checkpoint import (CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint,
+                              trained_context)
 from model.cli import DTYPES, HelpFormatter, add_max_image_pixels, default_device
 from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
@@ -91,7 +92,9 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
     a("--n_layers", type=int, default=8, help="decoder blocks (8 for dim 512, 16 for dim 768)")
     a("--n_heads", type=int, default=16, help="query heads (upstream: 16)")
     a("--n_kv_heads", type=int, default=8, help="key/value heads shared by the query heads (upstream: 8)")
-    a("--max_seq_len", type=int, default=r.max_seq_len, help="training sequence length (tokens, 50 per image)")
+    a("--max_seq_len", type=int, default=None, help="training sequence length (tokens, 50 per image); the "
+      "checkpoint records it, and serving admits it as the context (default: the starting checkpoint's, else "
+      f"{r.max_seq_len})")
     a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers")
     a("--vision_model", default=DEFAULT_VISION_MODEL, help="local CLIP ViT-B/32 directory (Hugging Face layout)")
     a("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer directory")
@@ -236,6 +239,7 @@ def train(recipe: Recipe, argv=None):
     status 1, not a traceback."""
     args = build_parser(recipe).parse_args(argv)
     if args.check_data:
+        args.max_seq_len = args.max_seq_len or recipe.max_seq_len
         if int(os.environ.get("RANK", 0)) != 0:
             raise SystemExit(0)  # under torchrun, rank 0 alone reports
         try:
@@ -296,6 +300,7 @@ class Run:
         moe = "_moe" if args.use_moe else ""
         self.init = self.load_start_weights(f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}"
                                             if args.init_from == "auto" else args.init_from)
+        args.max_seq_len = args.max_seq_len or recipe.max_seq_len
         self.raw_model.to(self.device)
         self.vision_model = load_vision_model(args.vision_model, self.device)
         self.name = run_name(recipe, args)
@@ -314,6 +319,8 @@ class Run:
             raise SystemExit(f"starting weights {shown} not found. {self.recipe.init_help}\n"
                              "Or pass --init_from none to start from random weights.")
         load_strict(self.raw_model, read_state_dict(init), allow_missing=self.recipe.allow_missing, where=init)
+        if self.args.max_seq_len is None:  # stage 2 trains at stage 1's length unless told otherwise
+            self.args.max_seq_len = trained_context(init)[0]
         return init
 
     # -- data: records, image features, batches ----------------------------------------------------------------
@@ -431,6 +438,7 @@ class Run:
             print(f"{self.recipe.stage}: {self.raw_model.num_parameters() / 1e6:.3f}M parameters (dim {self.cfg.dim}, "
                   f"{self.cfg.n_layers} layers{', MoE' if self.cfg.use_moe else ''}), {len(self.dataset)} samples, "
                   f"{self.world} process(es) x batch {args.batch_size} x accumulation {args.accumulation_steps}, "
+                  f"sequences up to {args.max_seq_len} tokens, "
                   f"{self.total_steps} steps, autocast {self.amp_dtype or 'off (fp32)'}, torch.compile "
                   f"{'on' if self.compiled else 'off'}{' (auto)' if args.compile == 'auto' else ''}, start {self.init}")
             self.out_path.parent.mkdir(parents=True, exist_ok=True)
