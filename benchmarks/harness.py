@@ -148,8 +148,8 @@ def random_model_files(size, workdir=None, prefix="bench-"):
     torch.manual_seed(0)
     cfg = LMConfig(**SIZES[size], vocab_size=len(tok), image_ids=image_token_ids(tok))
     ckpt, tower = os.path.join(work, f"random_{size}.safetensors"), os.path.join(work, "random-clip")
-    if not os.path.isfile(ckpt):
-        save_checkpoint(MiniMindVLM(cfg), ckpt, cfg)
+    if not os.path.isfile(ckpt):  # served with the context of a run at the training scripts' default length
+        save_checkpoint(MiniMindVLM(cfg), ckpt, cfg, extra={"args": {"max_seq_len": 640}})
     if not os.path.isdir(tower):
         make_random_vision_model(tower, seed=0)
     return work, ckpt, tower, cfg, tok
