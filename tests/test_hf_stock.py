@@ -20,7 +20,7 @@ from PIL import Image
 
 from model.checkpoint import CheckpointError, load_vlm, read_state_dict, save_checkpoint
 from model.engine import ChatEngine
-from model.hf_formats import IMAGE_TOKEN, PROJECTOR_FILE
+from model.hf_formats import PROJECTOR_FILE
 from model.tokenizer import build_prompt
 from model.vision import pixels_of
 from tests.conftest import ROOT

@@ -25,7 +25,6 @@ import torch
 from model.checkpoint import UPSTREAM_TRAINED_LEN, save_checkpoint, trained_context
 from model.cli import is_loopback, require_auth
 from model.engine import ChatEngine, PromptTooLong, serving_context
-from model.LMConfig import LMConfig
 from model.model import MiniMindVLM
 from tests.conftest import ROOT
 from tests.served_model import COLOURS, QUESTION, Server, colour_image, data_url, png_bytes
