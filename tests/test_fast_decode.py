@@ -1,6 +1,6 @@
 """bf16 weights in the inference engine (ChatEngine.load with --dtype bfloat16, or auto on hardware with native
 bf16): the decoder's logits agree with fp32 within bf16's precision, RoPE and the sampled logits stay fp32,
-and float32 keeps fp32 weights and greedy answers.
+and float32 keeps fp32 weights and greedy answers; int8 decoding answers the trained colour model as fp32 does.
 """
 import copy
 
@@ -107,3 +107,20 @@ def test_engine_bfloat16_weights(tiny_ckpt, random_tower):
     assert isinstance(gen, Generation)
     gen.text()
     assert gen.completion_tokens + (gen.finish_reason == "stop") >= 1
+
+
+def test_int8_decoding_answers_as_the_fp32_engine(served_model, random_tower):
+    """--dtype int8 (auto on CPUs): int8 copies of the decoding step's matrices, the model's own weights for the
+    prefill. On the trained colour model, every answer (greedy) is the fp32 engine's, word for word."""
+    from tests.served_model import COLOURS, QUESTION, colour_image
+    ckpt, _ = served_model
+    engines = {d: ChatEngine.load(ckpt, str(random_tower), device="cpu", dtype=d) for d in ("float32", "int8")}
+    assert engines["int8"].plan.int8_decoding and type(engines["int8"].head).__name__ == "Int8Linear"
+    answers = {d: [] for d in engines}
+    for name, rgb in COLOURS.items():
+        for seed in (3, 4):
+            for d, engine in engines.items():
+                feats = engine.encode([colour_image(rgb, seed)])
+                messages = [{"role": "user", "content": f"{IMAGE_MARKER}\n{QUESTION}"}]
+                answers[d].append(engine.generate(messages, feats, temperature=0, max_new_tokens=16).text())
+    assert answers["int8"] == answers["float32"] and answers["float32"].count("red") == 2
