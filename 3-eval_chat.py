@@ -33,7 +33,7 @@ from model.cli import HelpFormatter, add_max_image_pixels, add_model_args
 from model.engine import ChatEngine, InputError, PromptTooLong
 from model.LMConfig import IMAGE_MARKER
 from model.images import BadImage, open_image_header, patch_coverage, read_image, read_mask
-from model.relevance import draw_heatmap, evidence_on_target, summarize_evidence
+from model.relevance import draw_heatmap, evidence_on_target, summarize_evidence, target_patches
 from model.vision import preprocess_image, vision_fingerprint
 from trainer.feature_cache import FeatureCache, image_cache_key
 from trainer.records import DataError, Problem, check_records, conversation_to_messages, image_paths, read_records
@@ -92,20 +92,27 @@ def model_image(path, control, max_pixels):
     return grey_image() if control == "blank" else read_image(path, f"image {path}", max_pixels)
 
 
-def save_explanation(engine, out_dir, name, messages, feats, images, answer) -> list:
-    """Where `answer` found its evidence in each image (engine.explain), drawn as PNGs in out_dir (name.png, or
-    name_1.png, name_2.png, ... for several images; images=None draws none): the paths written and the
+def save_explanation(engine, args, name, messages, feats, images, answer, coverages=None) -> tuple:
+    """Where `answer` found its evidence in each image (engine.explain), drawn as PNGs in args.explain (name.png,
+    or name_1.png, name_2.png, ... for several images; images=None draws none), with the object's patches outlined
+    and its evidence on target in the caption where its coverage is known: the paths written and the
     relevances."""
     relevances = engine.explain(messages, feats, answer)
     if images is None:
         return [], relevances
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-    caption = f"Q: {question.replace(IMAGE_MARKER, '').strip()}\nA: {answer}"
+    grey = " [the image replaced by grey: --control blank]" if args.control == "blank" else ""
+    caption = f"Q: {question.replace(IMAGE_MARKER, '').strip()}{grey}\nA: {answer}"
     name = re.sub(r"[^\w.-]+", "_", str(name))
     paths = []
     for k, (image, relevance) in enumerate(zip(images, relevances)):
-        path = os.path.join(out_dir, f"{name}.png" if len(images) == 1 else f"{name}_{k + 1}.png")
-        draw_heatmap(image, relevance, caption).save(path)
+        coverage = coverages[k] if coverages else None
+        found = None if coverage is None else evidence_on_target(relevance, coverage)
+        target = None if found is None else target_patches(coverage)
+        line = "" if found is None else (f"\nevidence on the object's patches (outlined): {found['evidence']:.0%}; "
+                                         f"their share of the image: {found['area']:.0%}")
+        path = os.path.join(args.explain, f"{name}.png" if len(images) == 1 else f"{name}_{k + 1}.png")
+        draw_heatmap(image, relevance, caption + line, target).save(path)
         paths.append(path)
     return paths, relevances
 
@@ -235,7 +242,7 @@ def explain_record(engine, args, entry, messages, feats, paths, answer, coverage
     {"evidence", "area"} where its object's mask is known), and its PNG when `png`."""
     images = [model_image(p, args.control, args.max_image_pixels) for p in paths] if png else None
     name = entry.record.get("id") or f"line_{entry.line}"
-    _, relevances = save_explanation(engine, args.explain, name, messages, feats, images, answer)
+    _, relevances = save_explanation(engine, args, name, messages, feats, images, answer, coverages)
     out = []
     for relevance, coverage in zip(relevances, coverages or [None] * len(relevances)):
         item = relevance.to_json()
@@ -295,7 +302,7 @@ def explain_answer(engine, args, name, messages, feats, image, answer):
     if not args.explain or not answer.strip():
         return
     os.makedirs(args.explain, exist_ok=True)
-    (path,), (relevance,) = save_explanation(engine, args.explain, name, messages, feats, [image], answer)
+    (path,), (relevance,) = save_explanation(engine, args, name, messages, feats, [image], answer)
     print(f"[where it looked: {path}; {relevance.describe()}]")
 
 

@@ -171,11 +171,12 @@ def _font_families():
     return ["DejaVu Sans"] + [name for name in CJK_FONTS if name in installed]
 
 
-def draw_heatmap(image, relevance: ImageRelevance, caption: Optional[str] = None, alpha: float = 0.8):
+def draw_heatmap(image, relevance: ImageRelevance, caption: Optional[str] = None, target=None, alpha: float = 0.8):
     """The picture of one image's relevance, as an RGB PIL image: on the left the image as the model sees it (its
     224x224 centre square); on the right the same square in grey with the 7x7 patch shares laid over it,
     semi-transparent (the more evidence, the redder and the more opaque, up to `alpha`), the CLS token's share above it and a
-    colour scale in percent beside it; `caption` (the question and answer, say) below. The overlay goes on grey
+    colour scale in percent beside it; `caption` (the question and answer, say) below; `target` ((7, 7) booleans,
+    see target_patches), where the object is, outlined on the evidence. The overlay goes on grey
     because the shapes come in every hue of a colour scale: an orange shape under orange evidence would be
     unreadable. The scale runs from 0 to the largest patch share, but at least twice the share each patch would
     get if none stood out (2/49), so that an even spread does not look like a hot spot."""
@@ -217,6 +218,17 @@ def draw_heatmap(image, relevance: ImageRelevance, caption: Optional[str] = None
     for edge in range(PATCH_SIZE, IMAGE_SIZE, PATCH_SIZE):  # the patch borders, on the evidence
         ax.axhline(edge, color="white", linewidth=0.4, alpha=0.4)
         ax.axvline(edge, color="white", linewidth=0.4, alpha=0.4)
+    if target is not None:  # the outline of the object's patches: each side a target patch shares with a non-target
+        inside = np.pad(np.asarray(target, dtype=bool), 1)
+        for row, col in zip(*np.nonzero(inside)):
+            x, y = (col - 1) * PATCH_SIZE, (row - 1) * PATCH_SIZE
+            for (dr, dc), (xs, ys) in [((-1, 0), ([0, 1], [0, 0])), ((1, 0), ([0, 1], [1, 1])),
+                                       ((0, -1), ([0, 0], [0, 1])), ((0, 1), ([1, 1], [0, 1]))]:
+                if not inside[row + dr, col + dc]:
+                    ax.plot([x + PATCH_SIZE * v for v in xs], [y + PATCH_SIZE * v for v in ys], color="#1565c0",
+                            linewidth=1.6, solid_capstyle="projecting")
+        ax.set_xlim(0, IMAGE_SIZE)
+        ax.set_ylim(IMAGE_SIZE, 0)
     bar = fig.colorbar(scale, cax=fig.add_axes((0.89, bottom + 0.03 * panel / height, 0.02, 0.94 * panel / height)))
     bar.ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     bar.ax.tick_params(labelsize=8)
