@@ -347,6 +347,8 @@ class ChatEngine:
         n_images = 0 if image_features is None else image_features.shape[0]
         if n_images == 0:
             raise InputError("there is no image to explain")
+        if not messages or messages[-1]["role"] != "user":
+            raise InputError("the conversation to explain must end with the question the answer replies to")
         ids = self.prepare(messages, n_images)
         answer_ids = self.tokenizer(answer or "", add_special_tokens=False).input_ids
         if not answer_ids:

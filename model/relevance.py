@@ -20,7 +20,7 @@ has already mixed every patch's token with the others through 12 layers of atten
 is the evidence the decoder took from that token, which carries mostly, not only, its own 32x32 pixels.
 
 Deterministic: no sampling, dropout must be off (model.eval()), and the same inputs give the same shares on the
-same machine. The model's own weights run in their own dtype (bf16 where the engine holds bf16); the
+same machine (on CUDA the attention runs in PyTorch's plain kernel for this: see _deterministic_attention). The model's own weights run in their own dtype (bf16 where the engine holds bf16); the
 log-probabilities are computed in fp32 (the model's loss does that) and so are the gradient x input products.
 No weight changes and no .grad is left behind: only the substituted image tokens receive a gradient
 (torch.autograd.grad). It runs only when asked, after the answer: ChatEngine.explain hands it to the engine's
@@ -30,6 +30,7 @@ For datasets that know where the object is, `evidence_on_target` compares the sh
 that falls on the patches the object covers (more than TARGET_COVERAGE of a patch) with the share of the image
 they make up: a model that looks at the object puts more there than the area alone would.
 """
+import contextlib
 import textwrap
 import warnings
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ def answer_relevance(model, input_ids: List[int], image_features: torch.Tensor,
 
     hook = model.vision_proj.register_forward_hook(substitute)
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), _deterministic_attention(device):
             out = model(ids, [features], labels=labels, loss_only=True)
             n_answer = len(input_ids) - answer_start
             log_prob = -out.loss * n_answer  # the loss is the mean negative log-probability of the answer's ids
@@ -120,6 +121,16 @@ def answer_relevance(model, input_ids: List[int], image_features: torch.Tensor,
     total = per_image.sum()
     return [ImageRelevance.from_token_scores(s, float(p / total) if total > 0 else 1.0 / len(scores))
             for s, p in zip(scores, per_image)]
+
+
+def _deterministic_attention(device):
+    """On CUDA, attention through PyTorch's plain (math) kernel: the flash and memory-efficient kernels' backward
+    passes may add their partial sums in a different order from run to run. A prompt is short, so the cost is
+    small. (The CPU kernels repeat exactly: tests/test_relevance.py. The CUDA path was not run for this change.)"""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def target_patches(coverage: np.ndarray) -> np.ndarray:

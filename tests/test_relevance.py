@@ -183,6 +183,8 @@ def test_engine_explains_on_the_serving_thread(tokenizer, tiny_cfg):
         engine.explain(messages, None, "a red circle")
     with pytest.raises(InputError, match="empty"):
         engine.explain(messages, features, "")
+    with pytest.raises(InputError, match="must end with the question"):
+        engine.explain(messages + [{"role": "assistant", "content": "a red circle"}], features, "a red circle")
 
 
 # -- where the object is ------------------------------------------------------------------------------------
