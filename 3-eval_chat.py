@@ -34,7 +34,7 @@ from model.engine import ChatEngine, InputError, PromptTooLong
 from model.LMConfig import IMAGE_MARKER
 from model.images import BadImage, open_image_header, patch_coverage, read_image, read_mask
 from model.relevance import draw_heatmap, evidence_on_target, summarize_evidence, target_patches
-from model.vision import preprocess_image, vision_fingerprint
+from model.vision import load_image, preprocess_image, vision_fingerprint
 from trainer.feature_cache import FeatureCache, image_cache_key
 from trainer.records import DataError, Problem, check_records, conversation_to_messages, image_paths, read_records
 
@@ -95,26 +95,26 @@ def model_image(path, control, max_pixels):
 def save_explanation(engine, args, name, messages, feats, images, answer, coverages=None) -> tuple:
     """Where `answer` found its evidence in each image (engine.explain), drawn as PNGs in args.explain (name.png,
     or name_1.png, name_2.png, ... for several images; images=None draws none), with the object's patches outlined
-    and its evidence on target in the caption where its coverage is known: the paths written and the
-    relevances."""
+    and its evidence on target in the caption where its coverage is known. Returns the paths written, the
+    relevances and each image's evidence on target (None where unknown)."""
     relevances = engine.explain(messages, feats, answer)
+    coverages = coverages or [None] * len(relevances)
+    on_target = [None if c is None else evidence_on_target(r, c) for r, c in zip(relevances, coverages)]
     if images is None:
-        return [], relevances
+        return [], relevances, on_target
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     grey = " [the image replaced by grey: --control blank]" if args.control == "blank" else ""
     caption = f"Q: {question.replace(IMAGE_MARKER, '').strip()}{grey}\nA: {answer}"
     name = re.sub(r"[^\w.-]+", "_", str(name))
     paths = []
-    for k, (image, relevance) in enumerate(zip(images, relevances)):
-        coverage = coverages[k] if coverages else None
-        found = None if coverage is None else evidence_on_target(relevance, coverage)
+    for k, (image, relevance, coverage, found) in enumerate(zip(images, relevances, coverages, on_target)):
         target = None if found is None else target_patches(coverage)
         line = "" if found is None else (f"\nevidence on the object's patches (outlined): {found['evidence']:.0%}; "
                                          f"their share of the image: {found['area']:.0%}")
         path = os.path.join(args.explain, f"{name}.png" if len(images) == 1 else f"{name}_{k + 1}.png")
         draw_heatmap(image, relevance, caption + line, target).save(path)
         paths.append(path)
-    return paths, relevances
+    return paths, relevances, on_target
 
 
 def record_coverages(record, paths, images_dir):
@@ -177,8 +177,7 @@ def run_batch(args, engine):
                 paths = image_paths(e.record, args.images_dir)
                 try:
                     ids = engine.prepare(messages[:-1], len(paths))
-                    record_pixels = [] if grey is not None else [
-                        preprocess_image(read_image(p, f"image {p}", args.max_image_pixels)) for p in paths]
+                    record_pixels = [] if grey is not None else [load_image(p, args.max_image_pixels) for p in paths]
                     record_coverage = record_coverages(e.record, paths, args.images_dir) if args.explain else None
                 except PromptTooLong as err:
                     problem = Problem("too_long", args.data_path, e.line, e.id, f"the prompt is {err.n_tokens} tokens "
@@ -242,12 +241,12 @@ def explain_record(engine, args, entry, messages, feats, paths, answer, coverage
     {"evidence", "area"} where its object's mask is known), and its PNG when `png`."""
     images = [model_image(p, args.control, args.max_image_pixels) for p in paths] if png else None
     name = entry.record.get("id") or f"line_{entry.line}"
-    _, relevances = save_explanation(engine, args, name, messages, feats, images, answer, coverages)
+    _, relevances, on_target = save_explanation(engine, args, name, messages, feats, images, answer, coverages)
     out = []
-    for relevance, coverage in zip(relevances, coverages or [None] * len(relevances)):
+    for relevance, coverage, found in zip(relevances, coverages or [None] * len(relevances), on_target):
         item = relevance.to_json()
         if coverage is not None:
-            item["target"] = evidence_on_target(relevance, coverage)
+            item["target"] = found
         out.append(item)
     return out
 
@@ -302,7 +301,11 @@ def explain_answer(engine, args, name, messages, feats, image, answer):
     if not args.explain or not answer.strip():
         return
     os.makedirs(args.explain, exist_ok=True)
-    (path,), (relevance,) = save_explanation(engine, args, name, messages, feats, [image], answer)
+    try:
+        (path,), (relevance,), _ = save_explanation(engine, args, name, messages, feats, [image], answer)
+    except InputError as e:  # e.g. the conversation and its answer outgrew the context
+        print(f"[cannot say where it looked: {e}]")
+        return
     print(f"[where it looked: {path}; {relevance.describe()}]")
 
 
