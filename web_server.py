@@ -144,10 +144,10 @@ def build_app(engine, args):
             return f"⚠️ {image}"
         return gr.skip()
 
-    def on_question(question, image, chat, state, explain, temperature, top_k, top_p, max_new_tokens):
+    def on_question(question, image, chat, state, temperature, top_k, top_p, max_new_tokens):
         """Stream the answer into the chat. Yields (chatbot, state, textbox, status, send button, heatmap, its
-        note); the button is disabled while an answer streams, and the heatmap, while the toggle is on, follows the
-        finished answer."""
+        note); the button is disabled while an answer streams, and the last answer's heatmap goes (on_explain,
+        chained after this, shows the new one's)."""
         def refuse(message):
             return gr.skip(), state, gr.skip(), f"⚠️ {message}", gr.skip(), gr.skip(), gr.skip()
         question = (question or "").strip()
@@ -189,12 +189,11 @@ def build_app(engine, args):
         finally:  # also when Gradio drops this handler (the visitor left): the answer's slot frees at once
             generation.cancel()
         state["history"] = messages + [{"role": "assistant", "content": view[-1]["content"]}]
-        heatmap, note = (evidence_view(engine, explain, view, state, image) if not status and view[-1]["content"]
-                         else (gr.skip(), gr.skip()))
-        yield view, state, gr.skip(), status, gr.update(interactive=True), heatmap, note
+        yield view, state, gr.skip(), status, gr.update(interactive=True), gr.skip(), gr.skip()
 
     def on_explain(explain, chat, state, image):
-        """The toggle: the last answer's heatmap on, or off."""
+        """The toggle switched, or an answer finished: the last answer's heatmap while the toggle is on (read now,
+        so a switch during an answer counts), else none."""
         return evidence_view(engine, explain, chat, state, image)
 
     def on_clear(state):
@@ -240,14 +239,14 @@ def build_app(engine, args):
         # the upload, and wipe its answer.
         image.change(fn=None, js=CLEAR_ON_NEW_IMAGE, outputs=[chatbot, status, heatmap, heatmap_note])
         image.change(on_image, [image], [status])
-        ask = dict(fn=on_question, inputs=[question, image, chatbot, state, explain, temperature, top_k, top_p,
-                                           max_new],
+        ask = dict(fn=on_question, inputs=[question, image, chatbot, state, temperature, top_k, top_p, max_new],
                    outputs=[chatbot, state, question, status, send, heatmap, heatmap_note],
                    concurrency_limit=args.max_batch, concurrency_id="generate")
-        send.click(**ask)
-        question.submit(**ask)
-        explain.change(on_explain, [explain, chatbot, state, image], [heatmap, heatmap_note],
-                       concurrency_limit=args.max_batch, concurrency_id="generate")
+        show = dict(fn=on_explain, inputs=[explain, chatbot, state, image], outputs=[heatmap, heatmap_note],
+                    concurrency_limit=args.max_batch, concurrency_id="generate")
+        send.click(**ask).then(**show)
+        question.submit(**ask).then(**show)
+        explain.change(**show)
         cleared = [chatbot, state, question, status, heatmap, heatmap_note]
         clear.click(on_clear, [state], cleared)
         chatbot.clear(on_clear, [state], cleared)  # the chat's own trash icon
