@@ -9,7 +9,8 @@
   InputError.
 - A mask's patch coverage follows the image's own centre crop; evidence on target against area.
 - 3-eval_chat.py --explain writes one PNG per answered image in gallery mode, and in batch mode a 7x7 grid per
-  prediction, the evidence on target in the summary, and PNGs for the first --explain_pngs records.
+  prediction, the evidence on target in the summary, and PNGs for the first --explain_pngs records; a record
+  whose mask is missing is named (kind bad_mask) and, under --on_bad_sample skip, left out.
 """
 import importlib
 import json
@@ -272,16 +273,21 @@ def test_explain_writes_a_png_per_answered_image(eval_chat, random_ckpt, random_
 
     data = tmp_path / "eval.jsonl"
     with open(data, "w") as f:
-        for k in range(3):
-            f.write(json.dumps({"id": f"q{k}", "image": f"shape_{k}.png", "mask": f"masks/shape_{k}.png",
+        for k, mask in enumerate(["masks/shape_0.png", "masks/shape_1.png", "masks/shape_2.png", "masks/none.png"]):
+            f.write(json.dumps({"id": f"q{k}", "image": f"shape_{k % 3}.png", "mask": mask,
                                 "conversations": [{"from": "human", "value": QUESTION},
                                                   {"from": "gpt", "value": "circle"}]}) + "\n")
     explain, preds = tmp_path / "batch", tmp_path / "preds.jsonl"
     eval_chat.main(model + ["--data_path", str(data), "--images_dir", str(images), "--out", str(preds),
-                            "--feature_cache", "", "--explain", str(explain), "--explain_pngs", "2"])
+                            "--feature_cache", "", "--explain", str(explain), "--explain_pngs", "2",
+                            "--on_bad_sample", "skip"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(p.name for p in explain.iterdir()) == ["q0.png", "q1.png"]
     records = [json.loads(line) for line in open(preds)]
+    (missing,) = [r for r in records if "error" in r]  # a mask that is not there: that record is left out, named
+    assert missing["id"] == "q3" and missing["kind"] == "bad_mask" and "masks/none.png does not exist" in missing["error"]
+    assert summary["skipped"] == 1
+    records = [r for r in records if "error" not in r]
     assert len(records) == 3
     for r in records:
         (image,) = r["relevance"]
