@@ -246,8 +246,13 @@ def draw_heatmap(image, relevance: ImageRelevance, caption: Optional[str] = None
     bar.set_label("share per patch", fontsize=8)
     for k, text in enumerate(lines):
         fig.text(0.02, (len(lines) - k - 0.6) * line / height, text, fontsize=10, fontfamily=fonts)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # Chinese text, no CJK font
+    # Chinese text without a CJK font warns once per glyph; only a caption can hold any (and the web demo, which
+    # draws from several threads, gives none: catch_warnings changes process-wide state)
+    if lines:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.canvas.draw()
+    else:
         fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
     return Image.fromarray(rgba[..., :3].copy())
