@@ -4,7 +4,9 @@
   python web_server.py --ckpt out/demo/128_vlm_sft \\
       --vision_model model/clip_model/random-clip-vit-base-patch32-seed0   # after `make demo`
 
-Each browser session keeps its own image and conversation; a new image starts a new conversation. Answers
+Each browser session keeps its own image and conversation; a new image starts a new conversation. The "Where did
+it look?" toggle under the chat shows, for the last answer, the image with a 7x7 heatmap of the answer's evidence
+(model/relevance.py), computed on the engine's thread once the answer is complete and only while it is on. Answers
 of several visitors are decoded together, one forward pass per token for all of them (continuous batching,
 up to --max_batch at once); later visitors wait in Gradio's queue, which shows them their place (up to
 --max_waiting, then Gradio says the queue is full). Nothing is fetched from the
@@ -31,13 +33,15 @@ from model.LMConfig import IMAGE_MARKER  # noqa: E402
 from model.cli import (HelpFormatter, add_serving_args, load_engine, read_secrets, require_auth,  # noqa: E402
                        serve_engine)
 from model.engine import Busy, InputError, ShuttingDown, open_image  # noqa: E402
+from model.relevance import draw_heatmap  # noqa: E402
 
 EXAMPLE_IMAGES_DIR = "dataset/eval_images"
 EXAMPLE_QUESTIONS = ["Describe this image.", "What colour is the shape?", "What shape is it?",
                      "请描述这张图片。", "图中形状是什么颜色？", "这是什么形状？"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
-# A new (or removed) image starts a new conversation: the page empties the chat and the status line at once.
-CLEAR_ON_NEW_IMAGE = "() => [[], '']"
+# A new (or removed) image starts a new conversation: the page empties the chat, the status line and the last
+# answer's heatmap and its note at once.
+CLEAR_ON_NEW_IMAGE = "() => [[], '', null, '']"
 CSS = "#status p { color: #c62828; font-weight: 600; margin: 0; }"
 
 
@@ -91,6 +95,39 @@ def chat_view(history):
     return [{"role": m["role"], "content": m["content"].replace(IMAGE_MARKER, "").strip()} for m in history]
 
 
+def last_answer(chat, state, image):
+    """(conversation before it, answer) of the session's last answer about `image`, or None when the page shows
+    none (no question yet, the chat cleared, or a new image not asked about yet)."""
+    history = state["history"]
+    if (not chat or not history or history[-1]["role"] != "assistant" or image is None
+            or isinstance(image, InputError) or state["image_key"] != image.info["upload_key"]):
+        return None
+    return history[:-1], history[-1]["content"]
+
+
+def evidence_view(engine, explain, chat, state, image):
+    """(heatmap update, note) for the "Where did it look?" toggle: the last answer's image with its heatmap (the
+    engine's thread computes the relevance; this handler thread only draws it), or nothing while the toggle is off
+    or there is no answer."""
+    if not explain:
+        return gr.update(visible=False, value=None), ""
+    asked = last_answer(chat, state, image)
+    if asked is None:
+        return gr.update(visible=True, value=None), "The heatmap of the next answer appears here."
+    messages, answer = asked
+    try:
+        relevance = engine.explain(messages, state["features"], answer)[0]
+        picture = draw_heatmap(image, relevance)
+    except InputError as e:
+        return gr.update(visible=True, value=None), f"⚠️ {e}"
+    except Exception as e:  # show it, keep the page usable; the server log has what failed
+        print(f"explaining failed: {e!r}", file=sys.stderr)
+        return gr.update(visible=True, value=None), f"⚠️ The heatmap failed ({type(e).__name__}); see the server log."
+    note = (f"Where the answer “{answer.strip()}” found its evidence: {relevance.describe()} "
+            "(gradient x input on the image tokens; the redder and more opaque a patch, the more of it).")
+    return gr.update(visible=True, value=picture), note
+
+
 def build_app(engine, args):
     examples = []
     if os.path.isdir(args.examples_dir):
@@ -108,10 +145,11 @@ def build_app(engine, args):
         return gr.skip()
 
     def on_question(question, image, chat, state, temperature, top_k, top_p, max_new_tokens):
-        """Stream the answer into the chat. Yields (chatbot, state, textbox, status, send button); the button
-        is disabled while an answer streams."""
+        """Stream the answer into the chat. Yields (chatbot, state, textbox, status, send button, heatmap, its
+        note); the button is disabled while an answer streams, and the last answer's heatmap goes (on_explain,
+        chained after this, shows the new one's)."""
         def refuse(message):
-            return gr.skip(), state, gr.skip(), f"⚠️ {message}", gr.skip()
+            return gr.skip(), state, gr.skip(), f"⚠️ {message}", gr.skip(), gr.skip(), gr.skip()
         question = (question or "").strip()
         if isinstance(image, InputError):
             yield refuse(image)
@@ -139,23 +177,28 @@ def build_app(engine, args):
             yield refuse(e)
             return
         view = chat_view(messages) + [{"role": "assistant", "content": ""}]
-        yield view, state, "", "", gr.update(interactive=False)
+        yield view, state, "", "", gr.update(interactive=False), gr.update(value=None), ""  # the old heatmap goes
         status = ""
         try:
             for piece in generation:
                 view[-1]["content"] += piece
-                yield view, state, gr.skip(), gr.skip(), gr.skip()
+                yield view, state, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         except Exception as e:  # show it, keep the page usable; the server log has the traceback
             print(f"generation failed: {e!r}", file=sys.stderr)
             status = f"⚠️ The model failed while answering ({type(e).__name__}); see the server log."
         finally:  # also when Gradio drops this handler (the visitor left): the answer's slot frees at once
             generation.cancel()
         state["history"] = messages + [{"role": "assistant", "content": view[-1]["content"]}]
-        yield view, state, gr.skip(), status, gr.update(interactive=True)
+        yield view, state, gr.skip(), status, gr.update(interactive=True), gr.skip(), gr.skip()
+
+    def on_explain(explain, chat, state, image):
+        """The toggle switched, or an answer finished: the last answer's heatmap while the toggle is on (read now,
+        so a switch during an answer counts), else none."""
+        return evidence_view(engine, explain, chat, state, image)
 
     def on_clear(state):
         """Forget the conversation, keep the image."""
-        return [], dict(state, history=[]), "", ""
+        return [], dict(state, history=[]), "", "", None, ""
 
     theme = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts request
@@ -184,19 +227,29 @@ def build_app(engine, args):
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 gr.Examples(examples=[[q] for q in EXAMPLE_QUESTIONS], inputs=[question],
                             label="Example questions")
-                clear = gr.Button("Clear conversation", elem_id="clear")
+                with gr.Row():
+                    explain = gr.Checkbox(False, label="Where did it look?", elem_id="explain", scale=1,
+                                          info="the last answer's evidence, patch by patch, over the image")
+                    clear = gr.Button("Clear conversation", elem_id="clear", scale=1)
+                heatmap = gr.Image(label="Where did it look?", show_label=False, type="pil", format="png",
+                                   interactive=False, visible=False, elem_id="heatmap", buttons=["download"])
+                heatmap_note = gr.Markdown("", elem_id="heatmap_note")
 
         # Done in the page, not on the server: a server-side clear could arrive after a question asked right after
         # the upload, and wipe its answer.
-        image.change(fn=None, js=CLEAR_ON_NEW_IMAGE, outputs=[chatbot, status])
+        image.change(fn=None, js=CLEAR_ON_NEW_IMAGE, outputs=[chatbot, status, heatmap, heatmap_note])
         image.change(on_image, [image], [status])
         ask = dict(fn=on_question, inputs=[question, image, chatbot, state, temperature, top_k, top_p, max_new],
-                   outputs=[chatbot, state, question, status, send], concurrency_limit=args.max_batch,
-                   concurrency_id="generate")
-        send.click(**ask)
-        question.submit(**ask)
-        clear.click(on_clear, [state], [chatbot, state, question, status])
-        chatbot.clear(on_clear, [state], [chatbot, state, question, status])  # the chat's own trash icon
+                   outputs=[chatbot, state, question, status, send, heatmap, heatmap_note],
+                   concurrency_limit=args.max_batch, concurrency_id="generate")
+        show = dict(fn=on_explain, inputs=[explain, chatbot, state, image], outputs=[heatmap, heatmap_note],
+                    concurrency_limit=args.max_batch, concurrency_id="generate")
+        send.click(**ask).then(**show)
+        question.submit(**ask).then(**show)
+        explain.change(**show)
+        cleared = [chatbot, state, question, status, heatmap, heatmap_note]
+        clear.click(on_clear, [state], cleared)
+        chatbot.clear(on_clear, [state], cleared)  # the chat's own trash icon
     return app, theme
 
 

@@ -6,6 +6,7 @@ conversations. 3-eval_chat.py, web_server.py, serve_openai_api.py and the export
   images        -> image features      ChatEngine.encode / image_features (through a feature cache if given)
   one answer, streamed                 ChatEngine.generate -> Generation (text pieces as they are decoded)
   many answers at once                 ChatEngine.answer_batch (all through the scheduler, greedy or sampled)
+  where an answer looked in its image  ChatEngine.explain -> one ImageRelevance per image (model/relevance.py)
 
 Many users, one model (continuous batching): every request keeps its own conversation, image features, KV
 cache, sampling settings and seeded random generator. The Scheduler runs ONE forward pass per step over every
@@ -14,9 +15,9 @@ request (EOS, max tokens) or a cancelled one (Generation.cancel: client gone, st
 frees its slot. At most `max_batch` requests decode together; later ones wait in arrival order, and beyond
 `max_waiting` waiting ones ChatEngine.generate refuses with Busy (the API's 429).
 
-Which thread computes. All of the engine's tensor work (image encodes, prefills, decoding steps) runs on one
-thread at a time, and in a server on one thread only: its main thread, in Scheduler.serve_forever, while the
-HTTP/Gradio threads only hand requests over and wait. Elsewhere (the terminal chat, batch evaluation, a
+Which thread computes. All of the engine's tensor work (image encodes, prefills, decoding steps, explanations) runs
+on one thread at a time, and in a server on one thread only: its main thread, in Scheduler.serve_forever, while
+the HTTP/Gradio threads only hand requests over and wait. Elsewhere (the terminal chat, batch evaluation, a
 library caller) the thread that waits for its answer runs the steps itself, for every request in flight. Why:
 PyTorch's CPU kernels run on an OpenMP thread team, one per Python thread that ever ran a large op; once two
 teams exist on a 2-core machine, GNU OpenMP stops spinning between parallel regions and every small product
@@ -60,6 +61,7 @@ from .images import MAX_IMAGE_PIXELS, BadImage, clip_pixels, read_image
 from .LMConfig import IMAGE_MARKER
 from .model import FeedForward, KVCache, apply_rope, attention, sample_next_token
 from .quant import Int8Linear
+from .relevance import answer_relevance
 from .tokenizer import DEFAULT_TOKENIZER, build_prompt, load_tokenizer
 from .vision import DEFAULT_VISION_MODEL, cached_features, encode_images, load_vision_model
 
@@ -336,6 +338,34 @@ class ChatEngine:
                         repetition_penalty=repetition_penalty)
         return Generation(self, ids, image_features, max_new_tokens, sampling, seed)
 
+    def explain(self, messages, image_features, answer: str) -> list:
+        """Where `answer` (the assistant's reply to `messages`, which end with the user's turn) found its evidence in
+        each of the conversation's images: one model.relevance.ImageRelevance per image (a 7x7 grid of patch shares
+        plus the CLS token's share, summing to 1). The answer is tokenized as training tokenizes an answer. Computed
+        only when asked, by the thread that runs the engine's steps (as encode is); raises InputError when there is
+        no image or no answer, or they do not fit the context."""
+        n_images = 0 if image_features is None else image_features.shape[0]
+        if n_images == 0:
+            raise InputError("there is no image to explain")
+        if not messages or messages[-1]["role"] != "user":
+            raise InputError("the conversation to explain must end with the question the answer replies to")
+        ids = self.prepare(messages, n_images)
+        answer_ids = self.tokenizer(answer or "", add_special_tokens=False).input_ids
+        if not answer_ids:
+            raise InputError("the answer is empty: there is nothing to explain")
+        full = ids + answer_ids
+        if len(full) > self.context:
+            raise InputError(f"the conversation and its answer are {len(full)} tokens; this model's context is "
+                             f"{self.context}")
+        if int(self.model.placeholder_mask(torch.tensor([full]))[1][0]) != n_images:
+            raise InputError("the answer holds a run of '<'/'>' that reads as an image placeholder")
+        job = _ExplainJob(full, image_features, len(ids))
+        self._scheduler.submit_explain(job)
+        self._scheduler.wait_for(lambda: job.done)
+        if job.error is not None:
+            raise job.error
+        return job.relevance
+
     def answer_batch(self, prompt_ids, image_features, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
                      repetition_penalty=1.0, seed=None) -> list:
         """Answers (strings) for many prompts (ids from prepare), each with its (n_i, 50, 768) image features or
@@ -430,11 +460,20 @@ class _EncodeJob:
         self.pixels, self.features, self.error, self.done = pixels, None, None, False
 
 
+class _ExplainJob:
+    """An answer to explain: prompt + answer ids, where the answer starts and the images' features in, one
+    ImageRelevance per image out (model/relevance.py)."""
+
+    def __init__(self, ids, features, answer_start):
+        self.ids, self.features, self.answer_start = ids, features, answer_start
+        self.relevance, self.error, self.done = None, None, False
+
+
 class Scheduler:
     """Continuous batching for one ChatEngine, with no thread of its own. Each turn (run_once): encode the
     images waiting, admit waiting requests while fewer than max_batch decode (prefilled, which also samples each
-    one's first token), then run one decoding step over every active request. Requests that finished or were
-    cancelled leave between steps.
+    one's first token), run one decoding step over every active request, then compute the explanations asked for
+    (ChatEngine.explain). Requests that finished or were cancelled leave between steps.
 
     Who runs the turns: the thread in serve_forever (a server's main thread) when there is one; otherwise any
     thread waiting in wait_for (for its next token, or its images' features) runs them while no other thread
@@ -446,6 +485,7 @@ class Scheduler:
         self.waiting = collections.deque()
         self.active = []
         self.encodes = []  # _EncodeJobs not yet encoded
+        self.explains = []  # _ExplainJobs not yet computed
         self.driver = None  # the thread running a turn now
         self.resident = None  # the thread in serve_forever, if any
         self.stopping = False
@@ -463,6 +503,11 @@ class Scheduler:
             self.encodes.append(job)
             self.cond.notify_all()
 
+    def submit_explain(self, job):
+        with self.cond:
+            self.explains.append(job)
+            self.cond.notify_all()
+
     def queued(self) -> int:
         """Requests decoding or waiting (not cancelled)."""
         load = self.load()
@@ -475,7 +520,7 @@ class Scheduler:
                     "waiting": sum(not r.cancelled for r in self.waiting)}
 
     def _has_work(self) -> bool:
-        return bool(self.active or self.waiting or self.encodes)
+        return bool(self.active or self.waiting or self.encodes or self.explains)
 
     def wait_for(self, ready):
         """Return once ready() is true (it is called with `cond` held). Meanwhile run the engine's turns on this
@@ -542,9 +587,11 @@ class Scheduler:
             self.cond.notify_all()
 
     def run_once(self):
-        """One turn: pending image encodes, then admissions (prefills), then one decoding step."""
+        """One turn: pending image encodes, then admissions (prefills), then one decoding step, then pending
+        explanations (after the step: the answers in flight wait for no more than one turn's explanations)."""
         with self.cond:
             jobs, self.encodes = self.encodes, []
+            explains, self.explains = self.explains, []
             admitted = []
             while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
                 r = self.waiting.popleft()
@@ -560,6 +607,8 @@ class Scheduler:
             self.decode_step(rows)
             with self.cond:  # finished and cancelled requests leave; their slots are free
                 self.active = [r for r in self.active if r.finish_reason is None and not self._dropped(r)]
+        if explains:
+            self._explain(explains)
 
     def _dropped(self, r) -> bool:
         """True for a request whose consumer went away; the first time before its end, it is counted and
@@ -596,6 +645,16 @@ class Scheduler:
             for j in jobs:
                 j.error = ex
         for j in jobs:
+            j.done = True
+
+    def _explain(self, jobs):
+        """Each job's relevance (model/relevance.py: one forward and one backward pass on the model's own weights);
+        a failure is that job's alone."""
+        for j in jobs:
+            try:
+                j.relevance = answer_relevance(self.engine.model, j.ids, j.features, j.answer_start)
+            except Exception as ex:
+                j.error = ex
             j.done = True
 
     def _emit(self, r, logits) -> bool:

@@ -3,7 +3,9 @@
 1. generate coloured-shape images with captions (pretrain) and Q&A (SFT), plus a held-out split;
 2. make a seeded random-init CLIP ViT-B/32 tower (no real CLIP weights are reachable offline);
 3. train a small decoder from random init through both stages with the real scripts;
-4. score held-out colour and shape questions, with the images and with every image replaced by grey.
+4. score held-out colour and shape questions, with the images and with every image replaced by grey, and measure
+   where each answer found its evidence: the share on the shape's patches against the share of the image they
+   cover (3-eval_chat.py --explain; a heatmap PNG of the first 8 answers of each run in out_dir/explain_*).
 
 Every step is the command a user would run; they are printed before they run.
 """
@@ -61,7 +63,7 @@ def main():
     import make_demo_data as gen
     want = {"n_train": args.n_train, "n_eval": args.n_eval, "seed": args.seed,
             "size_range_px_at_224": list(gen.SIZE_RANGE), "max_rotation_deg": gen.MAX_ROTATION_DEG,
-            "max_offset_px_at_224": gen.MAX_OFFSET}
+            "max_offset_px_at_224": gen.MAX_OFFSET, "eval_masks": gen.MASK_FORMAT}
     meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {}
     if all(meta.get(k) == v for k, v in want.items()):
         print(f"\n{data} already holds this dataset ({args.n_train} train / {args.n_eval} eval images, seed {args.seed})")
@@ -98,7 +100,8 @@ def main():
             stdout = sh([py, "3-eval_chat.py", "--ckpt", ckpt, "--vision_model", tower, "--data_path",
                          f"{data}/eval_{task}.jsonl", "--images_dir", f"{data}/images", "--control", control,
                          "--out", f"{out}/eval_{task}_{control}.jsonl", "--max_new_tokens", 8,
-                         "--feature_cache", f"{out}/feature_cache"], capture=True)
+                         "--feature_cache", f"{out}/feature_cache", "--explain", f"{out}/explain_{task}_{control}",
+                         "--explain_pngs", 8], capture=True)
             results[(task, control)] = json.loads(stdout.strip().splitlines()[-1])
     times["evaluation"] = time.time() - t
     total = time.time() - t_start
@@ -115,10 +118,17 @@ def main():
     for task, label in (("color", f"colour ({len(COLOR_NAMES)} classes)"), ("shape", f"shape ({len(SHAPES)} classes)")):
         v, b = results[(task, "none")]["exact"], results[(task, "blank")]["exact"]
         lines.append(f"| {label} | {v:.1%} | {b:.1%} | {chance[task]:.1%} |")
+    lines += ["", f"| where the answer's evidence lies ({args.n_eval} held-out images) | on the shape's patches, with "
+              "the image | with the image replaced by grey | the shape's patches' share of the image |", "|---|---|---|---|"]
+    for task, label in (("color", "colour question"), ("shape", "shape question")):
+        v, b = results[(task, "none")]["evidence"], results[(task, "blank")]["evidence"]
+        lines.append(f"| {label} | {v['evidence_on_target']:.1%} ({v['ratio']:.2f}x the area; {v['at_2x']:.0%} of "
+                     f"images at 2x or more) | {b['evidence_on_target']:.1%} ({b['ratio']:.2f}x) | "
+                     f"{v['area_of_target']:.1%} |")
     lines.append("")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
     lines.append(f"loss curves: {out}/{args.dim}_vlm_pretrain_loss.png, {out}/{args.dim}_vlm_sft_loss.png; "
-                 f"predictions: {out}/eval_*.jsonl")
+                 f"predictions: {out}/eval_*.jsonl; heatmaps: {out}/explain_*/")
     lines.append(f"chat with it: python 3-eval_chat.py --ckpt {ckpt} --vision_model {tower} "
                  f"--prompt 'What color is the shape?'")
     report = "\n".join(lines)

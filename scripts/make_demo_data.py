@@ -11,10 +11,11 @@ Files written to ``out_dir``::
 
     images/train_000000.jpg ...   training images (shared by pretrain and SFT)
     images/eval_000000.jpg ...    held-out images (only used by the eval files)
+    images/eval_000000_mask.png   each held-out image's shape mask (where the object is, for evaluation)
     pretrain.jsonl                one caption record per training image
     sft.jsonl                     one 2-turn colour + shape QA record per training image
-    eval_color.jsonl              one colour question per held-out image
-    eval_shape.jsonl              one shape question per held-out image
+    eval_color.jsonl              one colour question per held-out image (its "mask" names the shape's mask)
+    eval_shape.jsonl              one shape question per held-out image (likewise)
     meta.json                     counts, vocabularies, seed
 
 plus up to 8 held-out sample images copied into ``eval_images_dir`` with
@@ -112,6 +113,9 @@ MAX_OFFSET = 24.0             # shape centre at most this far (px at 224) from t
 CROSS_ARM_WIDTH = 1.0 / 3.0   # arm width as a fraction of the full cross size (2 * half-size)
 NOISE_STD = 4.0               # mild Gaussian pixel noise (0..255 scale)
 JPEG_QUALITY = 90
+# What the held-out records' masks are; meta.json records it, so that scripts/demo.py makes the data again when a
+# dataset was generated without them (or in another format).
+MASK_FORMAT = "eval_NNNNNN_mask.png: greyscale PNG at the image's size, 255 on the shape, anti-aliased edge"
 N_EVAL_SAMPLES = 8            # images copied to eval_images_dir
 
 # ---------------------------------------------------------------------------
@@ -281,7 +285,8 @@ def render_image(rng: np.random.Generator, color: str, shape: str, image_size: i
                  size_range: Tuple[float, float] = SIZE_RANGE,
                  max_rotation: float = MAX_ROTATION_DEG,
                  max_offset: Optional[float] = MAX_OFFSET) -> Tuple[Image.Image, dict]:
-    """Render one image with a single shape.  Returns (PIL image, geometry info)."""
+    """Render one image with a single shape.  Returns (PIL image, info): the geometry (size, angle, centre), the
+    colour drawn and "mask", the shape's anti-aliased pixel mask (mode L, 255 on the shape)."""
     n = int(image_size)
     scale = n / 224.0
     size = rng.uniform(*size_range) * scale
@@ -320,7 +325,7 @@ def render_image(rng: np.random.Generator, color: str, shape: str, image_size: i
     noise = _noise_bank(n).crop((ox, oy, ox + n, oy + n))
     img = ImageChops.add(img, noise, scale=1.0, offset=-128)
     info = {"size": float(size), "angle": float(angle), "center": (float(cx), float(cy)),
-            "rgb": list(fg_rgb)}
+            "rgb": list(fg_rgb), "mask": mask}
     return img, info
 
 
@@ -368,7 +373,7 @@ def make_sft_record(rng, idx: int, image: str, color: str, shape: str) -> dict:
     return {"id": f"sft_{idx:06d}", "image": image, "conversations": conv}
 
 
-def make_eval_record(rng, kind: str, idx: int, image: str, color: str, shape: str) -> dict:
+def make_eval_record(rng, kind: str, idx: int, image: str, color: str, shape: str, mask: str) -> dict:
     lang = _pick_lang(rng)
     c, s = _words(lang, color, shape)
     if kind == "color":
@@ -378,6 +383,7 @@ def make_eval_record(rng, kind: str, idx: int, image: str, color: str, shape: st
     return {
         "id": f"eval_{kind}_{idx:06d}",
         "image": image,
+        "mask": mask,
         "conversations": [
             {"from": "human", "value": f"{IMAGE_TOKEN}\n{q}"},
             {"from": "gpt", "value": a},
@@ -430,7 +436,7 @@ def _choose_samples(labels: List[Tuple[str, str]], k: int) -> List[int]:
     return chosen
 
 
-_GEN_IMAGE_RE = re.compile(r"^(train|eval)_\d+\.jpg$")
+_GEN_IMAGE_RE = re.compile(r"^(train|eval)_\d+(\.jpg|_mask\.png)$")
 _SAMPLE_RE = re.compile(r"^\d{2}_(%s)_(%s)\.jpg$" % ("|".join(COLOR_NAMES), "|".join(SHAPES)))
 
 
@@ -458,9 +464,12 @@ def make_demo_data(out_dir: str = "dataset/demo", n_train: int = 10000, n_eval: 
     for split, i in tqdm(jobs, desc="demo images", unit="img", disable=not progress):
         rng = _image_rng(seed, split, i)
         color, shape = _sample_label(rng)
-        img, _info = render_image(rng, color, shape, image_size, size_range, max_rotation, max_offset)
+        img, info = render_image(rng, color, shape, image_size, size_range, max_rotation, max_offset)
         name = f"{split}_{i:06d}.jpg"
         img.save(os.path.join(img_dir, name), format="JPEG", quality=JPEG_QUALITY)
+        mask = f"{split}_{i:06d}_mask.png"  # held-out images only: where the shape is, for evaluation
+        if split == "eval":
+            info["mask"].save(os.path.join(img_dir, mask), format="PNG")
         label = {"image": name, "color": color, "shape": shape}
         if split == "train":
             train_labels.append(label)
@@ -468,8 +477,8 @@ def make_demo_data(out_dir: str = "dataset/demo", n_train: int = 10000, n_eval: 
             sft.append(make_sft_record(rng, i, name, color, shape))
         else:
             eval_labels.append(label)
-            eval_color.append(make_eval_record(rng, "color", i, name, color, shape))
-            eval_shape.append(make_eval_record(rng, "shape", i, name, color, shape))
+            eval_color.append(make_eval_record(rng, "color", i, name, color, shape, mask))
+            eval_shape.append(make_eval_record(rng, "shape", i, name, color, shape, mask))
 
     files = {
         "pretrain": os.path.join(out_dir, "pretrain.jsonl"),
@@ -515,6 +524,7 @@ def make_demo_data(out_dir: str = "dataset/demo", n_train: int = 10000, n_eval: 
         "max_rotation_deg": max_rotation,
         "max_offset_px_at_224": max_offset,
         "image_dir": "images",
+        "eval_masks": MASK_FORMAT,
         "eval_image_samples": [os.path.basename(p) for p in samples],
     }
     with open(files["meta"], "w", encoding="utf-8") as f:

@@ -26,6 +26,8 @@ def main():
     p.add_argument("--questions", nargs="+", default=["What colour is the shape?", "What shape is it?",
                                                        "这个图形是什么颜色？"], help="questions asked in turn")
     p.add_argument("--temperature", type=float, default=0.0, help="set in the page's Sampling panel")
+    p.add_argument("--explain", action="store_true", help="switch 'Where did it look?' on first: the last answer's "
+                   "heatmap is in the picture")
     p.add_argument("--out", default="images/web_server.png", help="the screenshot (PNG)")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium", help="browser binary")
     args = p.parse_args()
@@ -40,12 +42,16 @@ def main():
         temp = page.get_by_label("temperature (0: greedy)").first  # the slider's number box
         temp.fill(str(args.temperature))
         temp.press("Enter")
+        if args.explain:
+            page.locator("#explain input[type=checkbox]").check()
         for i, q in enumerate(args.questions):
             page.locator("#question textarea").fill(q)
             page.locator("#send").click()
             page.wait_for_function("n => document.querySelectorAll('#chat [data-testid=bot]').length > n", arg=i,
                                    timeout=120_000)
             page.wait_for_function("() => !document.querySelector('#send').disabled", timeout=120_000)
+        if args.explain:
+            page.wait_for_function("() => document.querySelector('#heatmap img')?.naturalWidth > 0", timeout=60_000)
         page.get_by_text("Sampling").click()  # fold the panel again
         page.wait_for_timeout(500)
         page.screenshot(path=args.out, full_page=True)

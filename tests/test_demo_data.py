@@ -1,6 +1,7 @@
 """scripts/make_demo_data.py on tiny generated sets: records parse and their images exist (224x224 RGB
 JPEG); file names hide the labels; held-out images never appear in training; SFT answers and captions match
-the drawn colour and shape; the metadata; the output is deterministic per seed.
+the drawn colour and shape; each held-out image's mask covers its shape; the metadata; the output is
+deterministic per seed.
 """
 
 import hashlib
@@ -9,6 +10,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -156,6 +158,28 @@ def test_eval_records(generated):
         assert color in mdd.COLOR_NAMES and shape in mdd.SHAPES
 
 
+def test_eval_masks_cover_the_shape(generated):
+    """Each held-out record names its shape's mask: where it is white the image has the record's colour, where it is
+    black the pale background; training images have none."""
+    out, _, _ = generated
+    for kind in ("color", "shape"):
+        for r in _read_jsonl(os.path.join(out, f"eval_{kind}.jsonl")):
+            assert r["mask"] == r["image"].replace(".jpg", "_mask.png")
+            with Image.open(os.path.join(out, "images", r["mask"])) as m:
+                assert m.format == "PNG" and m.mode == "L" and m.size == (224, 224)
+                mask = np.asarray(m)
+            with Image.open(os.path.join(out, "images", r["image"])) as im:
+                pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+            inside, outside = mask == 255, mask == 0
+            assert 0.05 < inside.mean() < 0.6 and inside.mean() + outside.mean() > 0.95  # only the edge is grey
+            colour = pixels[inside].mean(axis=0)
+            assert np.abs(colour - mdd.COLORS[r["color"]]).max() < 30, (r["image"], colour)
+            assert pixels[outside].min(axis=1).mean() > 170  # pale
+    for name in ("pretrain.jsonl", "sft.jsonl"):
+        assert all("mask" not in r for r in _read_jsonl(os.path.join(out, name)))
+    assert not [n for n in os.listdir(os.path.join(out, "images")) if n.startswith("train_") and "mask" in n]
+
+
 def test_meta(generated):
     out, _, _ = generated
     with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
@@ -163,6 +187,7 @@ def test_meta(generated):
     assert meta["n_train"] == N_TRAIN and meta["n_eval"] == N_EVAL
     assert meta["seed"] == 0
     assert meta["colors"] == mdd.COLOR_NAMES and meta["shapes"] == mdd.SHAPES
+    assert meta["eval_masks"] == mdd.MASK_FORMAT  # scripts/demo.py makes data without masks again
 
 
 def test_deterministic(generated, tmp_path):

@@ -1,12 +1,14 @@
 """web_server.py in a subprocess, used through headless Chromium (Debian's `chromium`) driven by Playwright.
 
 Upload, ask, a streamed answer, a follow-up in the same conversation, a new image starting a new
-conversation (also when asked at once, and for the same file uploaded again), and no request to any other host. Messages in the page for a question without an image, a
-damaged `.png`, a `.txt` file and an empty question. Two browser contexts at once, each answered about its
+conversation (also when asked at once, and for the same file uploaded again), and no request to any other host.
+The "Where did it look?" toggle: the answered image with its heatmap, per session, following each answer.
+Messages in the page for a question without an image, a damaged `.png`, a `.txt` file and an empty question. Two browser contexts at once, each answered about its
 own image. The dirty-data corpus's images uploaded one after another in one page: each bad one explained in
 the status line, each unusual valid one answered. Without Chromium these tests are skipped, unless
 REQUIRE_BROWSER_TESTS=1 (.ci/run installs Chromium and sets it).
 """
+import json
 import os
 import shutil
 
@@ -180,6 +182,61 @@ def test_two_visitors_keep_their_own_image(web, browser, images):
     finally:
         a.close()
         b.close()
+
+
+def red_share(png: bytes) -> float:
+    """The share of strongly red pixels in the left half of a picture (draw_heatmap puts the image there)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+    left = pixels[:, : pixels.shape[1] // 2]
+    return float(((left[..., 0] > 150) & (left[..., 1] < 90) & (left[..., 2] < 90)).mean())
+
+
+def test_where_did_it_look(web, browser, images):
+    """The toggle shows the last answer's image with its heatmap and a note (only in its own session), follows a
+    new answer, hides when switched off, comes back for the same answer, and goes with a new image."""
+    page, other = Page(browser, web.url), Page(browser, web.url)
+    try:
+        heatmap_src = ("() => { const i = document.querySelector('#heatmap img');"
+                       " return i && i.complete && i.naturalWidth > 0 ? i.src : null; }")
+        page.upload(images / "red.png")
+        page.page.locator("#explain input[type=checkbox]").check()
+        page.page.wait_for_function("() => document.querySelector('#heatmap_note').innerText.includes('next answer')",
+                                    timeout=TIMEOUT_MS)
+        assert page.wait_answer(page.ask(QUESTION)) == "red"
+        src = page.page.wait_for_function(heatmap_src, timeout=TIMEOUT_MS).json_value()
+        note = page.page.locator("#heatmap_note").inner_text()
+        assert "“red”" in note and "CLS token" in note and "patches" in note
+        png = page.context.request.get(src).body()
+        assert red_share(png) > 0.2  # the answered image, red, is in the picture
+        # the other visitor, who never switched it on, sees no heatmap
+        other.upload(images / "blue.png")
+        assert other.wait_answer(other.ask(QUESTION)) == "blue"
+        assert other.page.locator("#heatmap img").count() == 0 and not other.page.locator("#heatmap").is_visible()
+        # off: hidden; on again: the same answer's heatmap, computed again, the same picture
+        page.page.locator("#explain input[type=checkbox]").uncheck()
+        page.page.wait_for_selector("#heatmap", state="hidden", timeout=TIMEOUT_MS)
+        page.page.locator("#explain input[type=checkbox]").check()
+        again = page.page.wait_for_function(heatmap_src, timeout=TIMEOUT_MS).json_value()
+        assert page.context.request.get(again).body() == png
+        # a follow-up: the heatmap follows the new answer; a new image: it goes
+        assert page.wait_answer(page.ask(FOLLOW_UP)) == "red"
+        page.page.wait_for_function(f"() => ({heatmap_src})() && ({heatmap_src})() !== {json.dumps(again)}",
+                                    timeout=TIMEOUT_MS)
+        page.upload(images / "blue.png")
+        page.page.wait_for_function("() => !document.querySelector('#heatmap img')"
+                                    " && !document.querySelector('#heatmap_note').innerText.trim()", timeout=TIMEOUT_MS)
+        assert page.wait_answer(page.ask(QUESTION)) == "blue"
+        blue = page.page.wait_for_function(heatmap_src, timeout=TIMEOUT_MS).json_value()
+        assert red_share(page.context.request.get(blue).body()) < 0.01
+        assert "“blue”" in page.page.locator("#heatmap_note").inner_text()
+        assert page.hosts <= {web.url.split("/")[2]}, f"the page fetched from other hosts: {page.hosts}"
+    finally:
+        page.close()
+        other.close()
 
 
 def test_every_corpus_image_is_answered_or_explained(web, browser, tmp_path):

@@ -42,6 +42,8 @@ PROBLEMS = {  # kind: (severity, what it means)
     "image_too_large": ("error", "image has more pixels than --max_image_pixels (decompression bomb guard)"),
     "image_truncated": ("error", "image file is truncated"),
     "image_damaged": ("error", "image data is damaged"),
+    "bad_mask": ("error", "'mask' (where the object is, for evaluation) is not one greyscale image the size of its "
+                          "image, per image"),
     "too_long": ("drop", "the first turn alone is longer than max_seq_len"),
     "truncated": ("note", "longer than max_seq_len: later turns left out whole (or the first answer cut)"),
     "wrong_extension": ("note", "file name extension does not match its format (it is read by content)"),
