@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.background import BackgroundTask  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from model.LMConfig import IMAGE_MARKER  # noqa: E402
@@ -286,13 +287,13 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
                         **extra}
                 return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-            yield chunk({"role": "assistant", "content": ""})
-            pieces = iter(generation)
             try:  # each piece is awaited in a worker thread; a client that disconnects cancels this await
+                yield chunk({"role": "assistant", "content": ""})
+                pieces = iter(generation)
                 while (piece := await run_in_threadpool(next, pieces, None)) is not None:
                     yield chunk({"content": piece})
-            finally:
-                generation.cancel()  # frees the slot at once if the answer is not over (no-op if it is)
+            finally:  # frees the slot at once if the answer is not over, or not started (no-op if it is over)
+                generation.cancel()
             yield chunk({}, generation.finish_reason)
             if include_usage:
                 data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": engine.name,
@@ -300,8 +301,10 @@ def create_app(engine, max_request_bytes=MAX_REQUEST_BYTES, max_image_bytes=None
                 yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
 
+        # the background task also frees the slot of a client that left before the stream began
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(generation.cancel))
 
     return app
 

@@ -42,10 +42,12 @@ experts see a varying number of rows, so with use_moe answers are equal only up 
 """
 import collections
 import io
+import itertools
 import secrets
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -331,12 +333,13 @@ class ChatEngine:
             raise InputError(f"top_p must be in (0, 1], got {top_p}")
         if not self.accepting:
             raise ShuttingDown("the server is shutting down: it finishes the answers in flight and takes no new ones")
-        if self._scheduler.queued() >= self.max_batch + self.max_waiting:
-            raise Busy(f"the server is busy: {self.max_batch} answers are being written and {self.max_waiting} "
-                       "more are waiting; try again in a moment")
         sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p,
                         repetition_penalty=repetition_penalty)
-        return Generation(self, ids, image_features, max_new_tokens, sampling, seed)
+        generation = Generation(self, ids, image_features, max_new_tokens, sampling, seed)
+        if not self.scheduler().admit(generation.request, self.max_batch + self.max_waiting):
+            raise Busy(f"the server is busy: {self.max_batch} answers are being written and {self.max_waiting} "
+                       "more are waiting; try again in a moment")
+        return generation
 
     def explain(self, messages, image_features, answer: str) -> list:
         """Where `answer` (the assistant's reply to `messages`, which end with the user's turn) found its evidence in
@@ -482,8 +485,10 @@ class Scheduler:
     def __init__(self, engine):
         self.engine = engine
         self.cond = threading.Condition()
-        self.waiting = collections.deque()
+        self.waiting = collections.deque()  # submitted, not decoding yet
+        self.admitted = weakref.WeakSet()  # admitted by ChatEngine.generate, not submitted yet
         self.active = []
+        self.starting = []  # taken from `waiting` by the turn in progress, being prefilled
         self.encodes = []  # _EncodeJobs not yet encoded
         self.explains = []  # _ExplainJobs not yet computed
         self.driver = None  # the thread running a turn now
@@ -493,8 +498,20 @@ class Scheduler:
         self.most_active = 0  # the largest batch a step has run
         self.cancelled = 0  # requests dropped because their consumer went away
 
+    def admit(self, request, limit) -> bool:
+        """Count a new request in (False: `limit` requests are decoding or waiting already). The check and the count
+        are one step, so requests arriving together cannot all pass it; a request counts from here, before it is
+        submitted (a Generation is iterated later, often by another thread), until it ends, is cancelled or is
+        dropped unstarted (the weak set forgets it once collected)."""
+        with self.cond:
+            if self.queued_locked() >= limit:
+                return False
+            self.admitted.add(request)
+            return True
+
     def submit(self, request):
         with self.cond:
+            self.admitted.discard(request)
             self.waiting.append(request)
             self.cond.notify_all()
 
@@ -510,14 +527,21 @@ class Scheduler:
 
     def queued(self) -> int:
         """Requests decoding or waiting (not cancelled)."""
-        load = self.load()
+        with self.cond:
+            return self.queued_locked()
+
+    def queued_locked(self) -> int:
+        load = self.load_locked()
         return load["active"] + load["waiting"]
 
     def load(self) -> dict:
-        """{'active': requests decoding, 'waiting': requests waiting for a slot} (a snapshot)."""
+        """{'active': requests decoding, 'waiting': requests admitted that do not decode yet} (a snapshot)."""
         with self.cond:
-            return {"active": sum(not r.cancelled for r in self.active),
-                    "waiting": sum(not r.cancelled for r in self.waiting)}
+            return self.load_locked()
+
+    def load_locked(self) -> dict:
+        return {"active": sum(not r.cancelled for r in itertools.chain(self.active, self.starting)),
+                "waiting": sum(not r.cancelled for r in itertools.chain(self.waiting, list(self.admitted)))}
 
     def _has_work(self) -> bool:
         return bool(self.active or self.waiting or self.encodes or self.explains)
@@ -592,7 +616,7 @@ class Scheduler:
         with self.cond:
             jobs, self.encodes = self.encodes, []
             explains, self.explains = self.explains, []
-            admitted = []
+            admitted = self.starting = []  # counted as active from here (load()), though prefilled below
             while self.waiting and len(self.active) + len(admitted) < self.engine.max_batch:
                 r = self.waiting.popleft()
                 if not self._dropped(r):
@@ -601,6 +625,7 @@ class Scheduler:
             self._encode(jobs)
         joined = [r for group in self._prefill_groups(admitted) for r in self._prefill(group)]
         with self.cond:
+            self.starting = []
             self.active = [r for r in self.active + joined if not self._dropped(r)]
             rows = list(self.active)
         if rows:

@@ -5,6 +5,7 @@ answers, and a step's logits bit for bit, are compared with the same request run
 format (fp32, int8, and bf16 where the CPU has it), with the decoder shapes of the 27M model where rounding
 differs by row count (model/batch_invariance.py). The step gives the model's own forward logits on any thread or
 process."""
+import gc
 import multiprocessing as mp
 import threading
 import time
@@ -177,6 +178,33 @@ def test_full_waiting_line_is_refused_as_busy(make_engine):
     t.join(30)
     assert second.completion_tokens > 0
     assert ask(engine, 2, max_new_tokens=5).text() is not None
+
+
+def test_requests_count_from_their_admission_not_their_first_token(make_engine):
+    """Requests arriving together (the API's handlers admit them, worker threads iterate them later) must not all
+    pass the check: each counts from generate() on, and one dropped unstarted frees its place."""
+    engine = make_engine(max_batch=1, max_waiting=1)
+    admitted = [ask(engine, 0, max_new_tokens=5), ask(engine, 1, max_new_tokens=5)]  # none iterated yet
+    assert engine.scheduler().load() == {"active": 0, "waiting": 2}
+    with pytest.raises(Busy):
+        ask(engine, 2)
+    admitted.pop().cancel()  # a client gone before its answer began
+    third = ask(engine, 2, max_new_tokens=5)
+    del third  # dropped without a word (the weak set forgets it once collected)
+    gc.collect()
+    assert engine.scheduler().load() == {"active": 0, "waiting": 1}
+    assert admitted[0].text() is not None and engine.scheduler().load() == {"active": 0, "waiting": 0}
+
+
+def test_a_request_being_prefilled_counts_as_active(make_engine, monkeypatch):
+    """Between leaving the waiting line and joining the decoding batch (its prefill) a request still holds a
+    slot: a check made meanwhile must count it."""
+    engine = make_engine(max_batch=1, max_waiting=0)
+    scheduler, seen = engine.scheduler(), []
+    prefill = scheduler._prefill
+    monkeypatch.setattr(scheduler, "_prefill", lambda group: (seen.append(scheduler.load()), prefill(group))[1])
+    assert ask(engine, 0, max_new_tokens=3).text() is not None
+    assert seen == [{"active": 1, "waiting": 0}]
 
 
 def prefilled(engine, i, max_new_tokens=40):
