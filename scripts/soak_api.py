@@ -29,9 +29,10 @@ the context allows (disconnects drop it). Then --clients threads go round a deck
 
 The server's RSS, open fds and threads, /health's busy and waiting (busy never over --max_batch, busy +
 waiting never over --max_batch + --max_waiting), are sampled every --sample_interval s. After the load the
-server must be idle (busy 0, waiting 0) within IDLE_GRACE_S. Then the disconnect probe: the probe prompt alone, dropped (streamed, after its first
-piece; not streamed, after a read timeout), must free its slot in under half the time its answer takes alone
-(an answer under 1 s is too short to tell: a tiny model wants a longer --context).
+server must be idle (busy 0, waiting 0) within IDLE_GRACE_S. Then the disconnect probe: the probe prompt
+alone, dropped (streamed, after its first piece; not streamed, after a read timeout), must free its slot in
+under half the time its answer takes alone (an answer under 1 s is too short to tell: a tiny model wants a
+longer --context).
 After IDLE_WORKER_S (the HTTP worker threads' idle timeout) one pool prompt is sent alone again (its answer must
 not have changed), and the end values are read. Growth is judged from after warm-up (--warmup) to the end: RSS
 within --max_rss_growth %, fds and threads back to their idle counts at start (read after the references, which
