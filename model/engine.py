@@ -159,6 +159,18 @@ def text_pieces(token_ids, tokenizer):
         yield rest
 
 
+def count_placeholders(ids, image_ids) -> int:
+    """The complete image placeholders in a prompt's ids, as MiniMindVLM.placeholder_mask counts them, in numpy:
+    prepare() runs on the front end's threads (an HTTP event loop, Gradio's workers), where a torch op over a long
+    prompt would start an OpenMP team of that thread's own, which lives as long as the thread and slows every
+    small product of the engine's thread (see the module docstring)."""
+    ids, pattern = np.asarray(ids, dtype=np.int64), np.asarray(image_ids, dtype=np.int64)
+    if len(ids) < len(pattern):
+        return 0
+    windows = np.lib.stride_tricks.sliding_window_view(ids, len(pattern))
+    return int((windows == pattern).all(axis=1).sum())
+
+
 class Generation:
     """Iterate for the answer's text pieces; afterwards prompt_tokens, completion_tokens and finish_reason
     ('stop': the model ended its answer, 'length': max_new_tokens or the context ran out, 'cancelled') are
@@ -309,9 +321,9 @@ class ChatEngine:
         """Prompt ids for [{"role", "content"}, ...], where `<image>` in a content marks where each of the
         n_images images goes. Raises InputError when the markers and images disagree or it is too long."""
         ids = self.tokenizer(build_prompt(messages), add_special_tokens=False).input_ids
-        _, found = self.model.placeholder_mask(torch.tensor([ids]))
-        if int(found[0]) != n_images:
-            raise InputError(f"the conversation has {int(found[0])} image placeholder(s) for {n_images} image(s)"
+        found = count_placeholders(ids, self.cfg.image_ids)
+        if found != n_images:
+            raise InputError(f"the conversation has {found} image placeholder(s) for {n_images} image(s)"
                              f" (is there a literal '{IMAGE_MARKER}' or a run of '<'/'>' in the text?)")
         if len(ids) >= self.context:
             limit = self.context - 1
@@ -454,6 +466,18 @@ class _Request:
     def finish(self, reason):
         self.finish_reason = reason
         self.out.append(None)
+        self.release()
+
+    def fail(self, error):
+        self.finish_reason = "error"
+        self.out.append(error)
+        self.release()
+
+    def release(self):
+        """Drop what decoding needed as soon as the answer ends: its KV cache (megabytes) must not wait for the
+        consumer to let go of its Generation, nor, through the Generation <-> _Request cycle, for a full garbage
+        collection, which a long-running server seldom does."""
+        self.ids = self.cache = self.generator = self.gen = None
 
 
 class _EncodeJob:
@@ -752,8 +776,7 @@ class Scheduler:
         except Exception as ex:  # these requests fail; the others go on
             for r in group:
                 if r.finish_reason is None:
-                    r.finish_reason = "error"
-                    r.out.append(ex)
+                    r.fail(ex)
             return []
         return going
 
@@ -771,8 +794,7 @@ class Scheduler:
         except Exception as ex:
             for r in rows:
                 if r.finish_reason is None:
-                    r.finish_reason = "error"
-                    r.out.append(ex)
+                    r.fail(ex)
 
     def step_logits(self, rows):
         """(B, vocab) logits of each row's last token, written into its KV cache: MiniMindVLM.forward's

@@ -7,6 +7,7 @@ differs by row count (model/batch_invariance.py). The step gives the model's own
 process."""
 import gc
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from model.batch_invariance import decode_row_block, rows_alike, shared_prefill_rows
-from model.engine import Busy, ChatEngine
+from model.engine import Busy, ChatEngine, InputError, count_placeholders
 from model.hardware import cpu_has_fast_bf16
 from model.model import KVCache, MiniMindVLM
 
@@ -134,6 +135,22 @@ def test_cancelled_request_frees_its_slot(make_engine):
     assert engine.scheduler().load() == {"active": 0, "waiting": 0}
 
 
+def test_an_ended_answer_lets_go_of_its_cache_while_its_generation_lives(make_engine):
+    """The KV cache goes when the answer ends (finished or cancelled), not when the garbage collector meets the
+    Generation <-> request cycle: a server holds on to answers' objects for a while and seldom collects fully."""
+    engine = make_engine(max_batch=2)
+    done = ask(engine, 0, max_new_tokens=20)
+    done.text()
+    dropped = ask(engine, 1, max_new_tokens=400)
+    pieces = iter(dropped)
+    next(pieces)
+    assert dropped.request.cache is not None  # decoding
+    pieces.close()
+    ask(engine, 2, max_new_tokens=3).text()  # a turn after the cancel drops it
+    for r in (done.request, dropped.request):
+        assert r.finish_reason in ("stop", "length", "cancelled") and r.cache is None and r.gen is None
+
+
 def test_slot_cap_queues_extra_requests(make_engine):
     engine = make_engine(max_batch=1)
     alone = [solo(engine, i, max_new_tokens=80) for i in range(2)]
@@ -205,6 +222,43 @@ def test_a_request_being_prefilled_counts_as_active(make_engine, monkeypatch):
     monkeypatch.setattr(scheduler, "_prefill", lambda group: (seen.append(scheduler.load()), prefill(group))[1])
     assert ask(engine, 0, max_new_tokens=3).text() is not None
     assert seen == [{"active": 1, "waiting": 0}]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
+                    reason="counts threads in Linux's /proc; one intra-op thread makes no team")
+def test_checking_a_request_starts_no_thread_team_on_the_callers_thread(make_engine):
+    """generate() runs on a front end's long-lived threads: checking even a long prompt there must not run a torch
+    op large enough to give that thread an OpenMP team of its own (model/engine.py says what that costs)."""
+    engine = make_engine()
+    torch.ones(1 << 20).sum()  # this thread's team exists already
+    before, counted, done = len(os.listdir("/proc/self/task")), [], threading.Event()
+
+    def check_long_prompt():
+        with pytest.raises(InputError):
+            engine.generate([{"role": "user", "content": "<image> " + "describe the picture " * 800}])
+        counted.append(len(os.listdir("/proc/self/task")))
+        done.wait(10)
+    t = threading.Thread(target=check_long_prompt)
+    t.start()
+    while not counted and t.is_alive():
+        time.sleep(0.01)
+    done.set()
+    t.join()
+    assert counted == [before + 1]  # the thread itself, and no team of its own
+
+
+def test_placeholders_are_counted_as_the_model_counts_them(make_engine):
+    engine = make_engine()
+    pattern = list(engine.cfg.image_ids)
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        pieces = []
+        for _ in range(int(torch.randint(0, 5, (1,), generator=rng))):
+            pieces.append(torch.randint(0, 20, (int(torch.randint(0, 60, (1,), generator=rng)),), generator=rng).tolist())
+            cut = int(torch.randint(1, len(pattern) + 1, (1,), generator=rng))
+            pieces.append(pattern if trial % 3 else pattern[:cut])  # whole placeholders, or broken ones
+        ids = [t for p in pieces for t in p] or [1]
+        assert count_placeholders(ids, pattern) == int(engine.model.placeholder_mask(torch.tensor([ids]))[1][0])
 
 
 def prefilled(engine, i, max_new_tokens=40):
