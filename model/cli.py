@@ -130,6 +130,9 @@ def serve_engine(engine, stop_accepting, stop_server, drain_seconds=30.0, server
     import signal
     import threading
     import time
+
+    from .hardware import return_freed_memory
+    return_freed_memory()  # resident memory must not creep up over hours of answers of every length
     scheduler = engine.scheduler()
     signal.signal(signal.SIGTERM, lambda signum, frame: scheduler.stop())
     if server_thread is not None:  # a server that ends by itself (a port already taken) ends the process too
