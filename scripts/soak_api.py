@@ -587,6 +587,18 @@ def stats(pid):
     return {k: round(v, 1) for k, v in process_stats(pid).items()}
 
 
+def thread_names(pid) -> dict:
+    """How many of the process's threads have each name (Linux: /proc/PID/task/*/comm), to tell which ones a
+    difference in the count is."""
+    names = collections.Counter()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names[open(f"/proc/{pid}/task/{task}/comm").read().strip()] += 1
+        except OSError:  # the thread ended meanwhile
+            pass
+    return dict(sorted(names.items()))
+
+
 def settled_stats(pid, idle, timeout=SETTLE_S):
     """The server's stats once its fds and threads are back to `idle`'s counts, or after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -709,7 +721,7 @@ def soak_server(args, proc, url, key, log, flags, cpu):
         prompt.answer, prompt.seconds = send_alone(soak, prompt)
     res["reference_seconds"] = {p.name: round(p.seconds, 2) for p in alone}
     time.sleep(1.0)  # the references' connections close
-    start = stats(proc.pid)
+    start = dict(stats(proc.pid), thread_names=thread_names(proc.pid))
 
     duration = args.minutes * 60
     warmup = args.warmup if args.warmup is not None else min(60.0, 0.5 * duration)
@@ -787,7 +799,8 @@ def after_load(soak, proc, start, res):
         phase["before_last_request"] = stats(proc.pid)
         answer, _ = send_alone(soak, soak.pool[0])
         soak.compare("after_soak", soak.pool[0], answer)
-        return settled_stats(proc.pid, start)
+        end = settled_stats(proc.pid, start)
+        return dict(end, thread_names=thread_names(proc.pid))
     except (httpx.HTTPError, RuntimeError, ValueError, OSError) as e:
         res["after_load_error"] = repr(e)
         return None
