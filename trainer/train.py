@@ -109,7 +109,7 @@ def build_parser(r: Recipe) -> argparse.ArgumentParser:
                                             "(model, optimizer, LR schedule, data position, RNGs, wandb run)")
     a("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
       help="torch.compile the model: its first steps are slow while it compiles (~15-40 s on 2 CPU cores), later "
-           "ones faster (27M on a 2-core AMX Xeon: +12%% in benchmarks/benchmark.py's second epoch, +29%% in a "
+           "ones faster (27M on a 2-core AMX Xeon: +9-12%% in benchmarks/benchmark.py's second epoch, +29%% in a "
            "longer run). auto = on for runs of at least "
            f"{COMPILE_MIN_STEPS} optimizer steps, where a C++ compiler is found on a CPU")
     a("--length_group", type=int, default=64, help="batches formed together from samples sorted by length, so "
