@@ -564,8 +564,15 @@ class Scheduler:
             return self.load_locked()
 
     def load_locked(self) -> dict:
-        return {"active": sum(not r.cancelled for r in itertools.chain(self.active, self.starting)),
-                "waiting": sum(not r.cancelled for r in itertools.chain(self.waiting, list(self.admitted)))}
+        decoding, waiting = self._in_flight_locked()
+        return {"active": len(decoding), "waiting": len(waiting)}
+
+    def _in_flight_locked(self):
+        """(decoding, waiting): the requests not cancelled that hold a slot (prefilling or decoding) and those
+        admitted that wait for one (submitted or not yet); what load() counts and cancel_all() cancels."""
+        decoding = [r for r in itertools.chain(self.active, self.starting) if not r.cancelled]
+        waiting = [r for r in itertools.chain(self.waiting, list(self.admitted)) if not r.cancelled]
+        return decoding, waiting
 
     def _has_work(self) -> bool:
         return bool(self.active or self.waiting or self.encodes or self.explains)
@@ -620,9 +627,11 @@ class Scheduler:
                 self.cond.notify_all()  # waiting consumers run the turns themselves from now on
 
     def cancel_all(self) -> int:
-        """Cancel every request decoding or waiting (a server's drain time is over); how many."""
+        """Cancel every request decoding or waiting, admitted ones not yet submitted included (a server's drain
+        time is over); how many."""
         with self.cond:
-            requests = [r for r in self.active + list(self.waiting) if r.finish_reason is None and not r.cancelled]
+            decoding, waiting = self._in_flight_locked()
+            requests = [r for r in decoding + waiting if r.finish_reason is None]
             for r in requests:
                 r.cancelled = True
             self.cond.notify_all()

@@ -211,6 +211,9 @@ def test_requests_count_from_their_admission_not_their_first_token(make_engine):
     gc.collect()
     assert engine.scheduler().load() == {"active": 0, "waiting": 1}
     assert admitted[0].text() is not None and engine.scheduler().load() == {"active": 0, "waiting": 0}
+    late = ask(engine, 3, max_new_tokens=5)  # admitted when a server's drain ends: cancelled with the rest
+    assert engine.scheduler().cancel_all() == 1 and engine.scheduler().load() == {"active": 0, "waiting": 0}
+    assert late.text() == "" and late.finish_reason == "cancelled"
 
 
 def test_a_request_being_prefilled_counts_as_active(make_engine, monkeypatch):
