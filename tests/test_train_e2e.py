@@ -49,6 +49,26 @@ def losses(out, name):
     return [r["loss"] for r in map(json.loads, open(out / f"{name}_log.jsonl")) if "loss" in r]  # not val records
 
 
+def test_a_run_and_its_data_check_train_at_one_length(tmp_path, tiny_cfg):
+    """--max_seq_len, else the starting checkpoint's training length, else the recipe's: the run and --check_data
+    resolve it alike (trainer/train.py: start_weights_path, training_length)."""
+    from types import SimpleNamespace
+
+    from model.checkpoint import save_checkpoint
+    from model.model import MiniMindVLM
+    from trainer.train import start_weights_path, training_length
+    recipe = SimpleNamespace(init_suffix="_vlm_pretrain", max_seq_len=640)
+    args = SimpleNamespace(init_from="auto", out_dir=str(tmp_path), dim=64, use_moe=False, max_seq_len=None)
+    cfg = tiny_cfg()
+    save_checkpoint(MiniMindVLM(cfg), tmp_path / "64_vlm_pretrain.safetensors", cfg,
+                    extra={"args": {"max_seq_len": 96}})  # what stage 1 records
+    init = start_weights_path(recipe, args)
+    assert init == str(tmp_path / "64_vlm_pretrain.safetensors") and training_length(recipe, args, init) == 96
+    assert training_length(recipe, SimpleNamespace(**dict(vars(args), max_seq_len=50)), init) == 50
+    none = SimpleNamespace(**dict(vars(args), init_from="none"))
+    assert start_weights_path(recipe, none) == "none" and training_length(recipe, none, "none") == 640
+
+
 def test_pretrain_sft_eval(demo_data, random_tower, tmp_path):
     out = tmp_path / "out"
     run(sys.executable, "1-pretrain_vlm.py", "--data_path", demo_data / "pretrain.jsonl", "--init_from", "none",

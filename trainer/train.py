@@ -204,6 +204,25 @@ def compile_wanted(flag: str, total_steps: int, device) -> bool:
     return device.type == "cuda"
 
 
+def start_weights_path(recipe: Recipe, args) -> str:
+    """The starting weights --init_from names ('auto': the previous stage's output in --out_dir), resolved as
+    resolve_checkpoint does; 'none' for random weights."""
+    if args.init_from == "none":
+        return "none"
+    moe = "_moe" if args.use_moe else ""
+    return resolve_checkpoint(f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}"
+                              if args.init_from == "auto" else args.init_from)
+
+
+def training_length(recipe: Recipe, args, init: str) -> int:
+    """The sequence length a run trains at (and --check_data checks at): --max_seq_len, else the length the
+    starting checkpoint was trained with (stage 2 trains at stage 1's unless told otherwise), else the recipe's."""
+    if args.max_seq_len:
+        return args.max_seq_len
+    known = trained_context(init)[0] if init != "none" and os.path.exists(init) else None
+    return known or recipe.max_seq_len
+
+
 def make_adamw(params, lr):
     """AdamW with the fused kernel (one pass over all parameters; on the 2-core dev CPU a 27M-model step
     took 20 ms fused, 63 ms with the default per-parameter loop, 105 ms with foreach), else the default."""
@@ -240,7 +259,7 @@ def train(recipe: Recipe, argv=None):
     status 1, not a traceback."""
     args = build_parser(recipe).parse_args(argv)
     if args.check_data:
-        args.max_seq_len = args.max_seq_len or recipe.max_seq_len
+        args.max_seq_len = training_length(recipe, args, start_weights_path(recipe, args))
         if int(os.environ.get("RANK", 0)) != 0:
             raise SystemExit(0)  # under torchrun, rank 0 alone reports
         try:
@@ -298,10 +317,8 @@ class Run:
                             use_moe=args.use_moe, vocab_size=len(self.tokenizer),
                             image_ids=image_token_ids(self.tokenizer))
         self.raw_model = MiniMindVLM(self.cfg)
-        moe = "_moe" if args.use_moe else ""
-        self.init = self.load_start_weights(f"{args.out_dir}/{args.dim}{moe}{recipe.init_suffix}"
-                                            if args.init_from == "auto" else args.init_from)
-        args.max_seq_len = args.max_seq_len or recipe.max_seq_len
+        self.init = self.load_start_weights(start_weights_path(recipe, args))
+        args.max_seq_len = training_length(recipe, args, self.init)
         self.raw_model.to(self.device)
         self.vision_model = load_vision_model(args.vision_model, self.device)
         self.name = run_name(recipe, args)
@@ -314,14 +331,11 @@ class Run:
     def load_start_weights(self, init):
         if init == "none":
             return init
-        init = resolve_checkpoint(init)
         if not os.path.exists(init):
             shown = init if Path(init).suffix else f"{init}.safetensors or {init}.pth"
             raise SystemExit(f"starting weights {shown} not found. {self.recipe.init_help}\n"
                              "Or pass --init_from none to start from random weights.")
         load_strict(self.raw_model, read_state_dict(init), allow_missing=self.recipe.allow_missing, where=init)
-        if self.args.max_seq_len is None:  # stage 2 trains at stage 1's length unless told otherwise
-            self.args.max_seq_len = trained_context(init)[0]
         return init
 
     # -- data: records, image features, batches ----------------------------------------------------------------
